@@ -1,0 +1,1 @@
+"""Data sources: analytic Gaussian mixtures (exact teachers)."""

@@ -1,0 +1,64 @@
+"""Backward simulation for phase k (spec §3.3): frozen earlier experts, then phase-k steps.
+
+All functions take ``apply(params, x, t, y) -> v`` and Euler-step on the plan's grid. The
+phase output x_s lives at the phase boundary s = t_k. Gradient modes:
+- "full": every phase-k step keeps its gradient (vanilla multi-step DMD when K = 1).
+- "sgts": a stop step j is drawn uniformly among the phase's steps (one draw per batch, so it
+  is shared by all data shards); steps before j run without gradient, and step j Euler-jumps
+  straight to the boundary with the only gradient (DMD2 / SGTS when K = 1, spec §2.3, §3.3).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+
+sg = jax.lax.stop_gradient
+
+
+def _times(x, t):
+  return jnp.full((x.shape[0],), t, jnp.float32)
+
+
+def frozen_prefix(plan: methods.PhasePlan, k: int, apply, experts, z, y):
+  """Runs phases 0..k-1 with their experts, no gradient: x at the start of phase k."""
+  x = z
+  for phase in plan.phases[:k]:
+    p = sg(experts[phase.index])
+    nxt = phase.times[1:] + (phase.boundary,)
+    for t, t_next in zip(phase.times, nxt):
+      x = S.euler_step(x, t, t_next, apply(p, x, _times(x, t), y))
+  return sg(x)
+
+
+def phase_steps(phase: methods.Phase, apply, params, x, y, key):
+  """Phase-k steps from its start to its boundary; returns (x_s, stop index used).
+
+  The stop index is -1 in "full" mode (all steps differentiable).
+  """
+  nxt = phase.times[1:] + (phase.boundary,)
+  if phase.grad_mode == "full" or phase.num_steps == 1:
+    for t, t_next in zip(phase.times, nxt):
+      x = S.euler_step(x, t, t_next, apply(params, x, _times(x, t), y))
+    return x, jnp.int32(-1 if phase.num_steps > 1 else 0)
+  times = jnp.asarray(phase.times + (phase.boundary,), jnp.float32)
+  j = jax.random.randint(key, (), 0, phase.num_steps)
+  frozen = sg(params)
+
+  def body(i, x):
+    return S.euler_step(x, times[i], times[i + 1], apply(frozen, x, _times(x, times[i]), y))
+
+  # A dynamic trip count: only j no-grad steps are computed (the loop has no tangents).
+  x = sg(jax.lax.fori_loop(0, j, body, sg(x)))
+  t_j = times[j]
+  v = apply(params, x, _times(x, t_j), y)
+  return S.euler_step(x, t_j, phase.boundary, v), j
+
+
+def phase_sample(plan: methods.PhasePlan, k: int, apply, experts, active_params, z, y, key):
+  """x_s = pipeline_k(z): frozen experts 0..k-1 then expert k (with ``active_params``)."""
+  x = frozen_prefix(plan, k, apply, experts, z, y)
+  return phase_steps(plan.phases[k], apply, active_params, x, y, key)

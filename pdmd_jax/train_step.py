@@ -1,0 +1,181 @@
+"""Pure training steps: ``fake_step``, ``generator_step`` and ``phase_step`` (TTUR k:1).
+
+Each is ``(state, teacher_params, batch) -> (state, metrics)``; the phase index is static
+(one compiled program per phase), everything else is traced. Randomness is
+``fold_in(state.rng, state.step)`` split by purpose, so a resumed run draws the same numbers
+as an uninterrupted one. The frozen teacher enters as an argument, never as state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from pdmd_jax import losses
+from pdmd_jax import methods
+from pdmd_jax import rollout
+from pdmd_jax import schedule as S
+from pdmd_jax import teachers
+
+sg = jax.lax.stop_gradient
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during distillation (the teacher is not here).
+
+  step: number of generator updates done so far (over all phases).
+  rng: the run's base key (uint32[2]); per-step keys are fold_in(rng, step).
+  experts / expert_opt: one generator expert per phase and its optimizer state.
+  fakes / fake_opt: one fake score per phase (initialised from the teacher fit).
+  """
+  step: jax.Array
+  rng: jax.Array
+  experts: tuple[Any, ...]
+  expert_opt: tuple[Any, ...]
+  fakes: tuple[Any, ...]
+  fake_opt: tuple[Any, ...]
+
+
+def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
+                   grad_clip: float = 0.0, eps: float = 1e-8) -> optax.GradientTransformation:
+  """AdamW (the paper: beta1 = 0, beta2 = 0.999), optionally after global-norm clipping."""
+  tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
+
+
+def create_state(seed: int, init_params, num_phases: int, gen_tx, fake_tx) -> TrainState:
+  """Every expert and fake score starts as a copy of ``init_params`` (the teacher fit)."""
+  copy = lambda: jax.tree.map(jnp.array, init_params)
+  experts = tuple(copy() for _ in range(num_phases))
+  fakes = tuple(copy() for _ in range(num_phases))
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
+                    experts=experts, expert_opt=tuple(gen_tx.init(p) for p in experts),
+                    fakes=fakes, fake_opt=tuple(fake_tx.init(p) for p in fakes))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepConfig:
+  """The static side of a step: plan, networks, schedule and loss options."""
+  plan: methods.PhasePlan
+  apply: Any                      # apply(params, x, t, y) of the experts and fake scores
+  teacher: teachers.Teacher
+  sched: S.Schedule
+  dim: tuple[int, ...]            # sample shape without the batch axis
+  gen_tx: optax.GradientTransformation
+  fake_tx: optax.GradientTransformation
+  ttur: int = 5
+  weighting: str = "exact"
+  fake_target: str = "eq13"
+  clamp_final_phase: bool = False  # Eq. 13 clamp when s = 0 (see losses.fake_target)
+  norm_floor: float = 1e-4
+
+
+def _keys(key):
+  k = jax.random.split(key, 4)
+  return {"z": k[0], "stop": k[1], "t": k[2], "eps": k[3]}
+
+
+def _renoise(cfg: StepConfig, phase: methods.Phase, x_s, keys):
+  t = phase.t_sampler(keys["t"], (x_s.shape[0],))
+  eps = jax.random.normal(keys["eps"], x_s.shape)
+  return t, eps, S.renoise(cfg.sched, sg(x_s), phase.boundary, t, eps)
+
+
+def _fake_target_kind(cfg: StepConfig, phase: methods.Phase) -> str:
+  if cfg.fake_target == "eq13" and phase.boundary == 0.0 and not cfg.clamp_final_phase:
+    return "eq11"  # identical target at s = 0 (= Eq. 8) without min(1, 10 t^2) down-weighting
+  return cfg.fake_target
+
+
+def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key):
+  """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13)."""
+  del teacher_params
+  phase = cfg.plan.phases[k]
+  keys = _keys(key)
+  z = jax.random.normal(keys["z"], (y.shape[0],) + cfg.dim)
+  x_s, _ = rollout.phase_sample(cfg.plan, k, cfg.apply, state.experts, state.experts[k],
+                                z, y, keys["stop"])
+  x_s = sg(x_s)
+  t, eps, x_t = _renoise(cfg, phase, x_s, keys)
+  weight, scale, target = losses.fake_target(cfg.sched, x_s, phase.boundary, t, eps,
+                                             _fake_target_kind(cfg, phase))
+
+  def loss_fn(p):
+    return losses.fake_loss(cfg.apply(p, x_t, t, y), weight, scale, target)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.fakes[k])
+  updates, opt = cfg.fake_tx.update(grads, state.fake_opt[k], state.fakes[k])
+  params = optax.apply_updates(state.fakes[k], updates)
+  state = state.replace(fakes=_set(state.fakes, k, params), fake_opt=_set(state.fake_opt, k, opt))
+  return state, {"fake_loss": loss, "fake_grad_norm": optax.global_norm(grads)}
+
+
+def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key):
+  """One update of expert k with the phase-k DMD gradient (Eq. 10), teacher and fake frozen."""
+  phase = cfg.plan.phases[k]
+  keys = _keys(key)
+  z = jax.random.normal(keys["z"], (y.shape[0],) + cfg.dim)
+  fake = sg(state.fakes[k])
+
+  def loss_fn(p):
+    x_s, stop = rollout.phase_sample(cfg.plan, k, cfg.apply, state.experts, p, z, y, keys["stop"])
+    t, _, x_t = _renoise(cfg, phase, x_s, keys)
+    v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
+    v_f = sg(cfg.apply(fake, x_t, t, y))
+    g = losses.generator_grad_direction(cfg.sched, x_s, phase.boundary, t, x_t, v_t, v_f,
+                                        cfg.weighting, cfg.norm_floor)
+    aux = {"dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1))),
+           "t_mean": jnp.mean(t), "stop_index": stop}
+    return losses.generator_loss(x_s, g), aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.experts[k])
+  updates, opt = cfg.gen_tx.update(grads, state.expert_opt[k], state.experts[k])
+  params = optax.apply_updates(state.experts[k], updates)
+  state = state.replace(experts=_set(state.experts, k, params),
+                        expert_opt=_set(state.expert_opt, k, opt))
+  return state, {"gen_surrogate": loss, "gen_grad_norm": optax.global_norm(grads), **aux}
+
+
+def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch):
+  """TTUR: ``cfg.ttur`` fake updates, then one generator update; step += 1.
+
+  batch["y"]: int labels [ttur + 1, B]; row i conditions fake update i, the last row the
+  generator update.
+  """
+  base = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), k)
+
+  def body(i, carry):
+    st, acc = carry
+    st, m = fake_step(cfg, k, st, teacher_params, batch["y"][i], jax.random.fold_in(base, i))
+    return st, jax.tree.map(lambda a, b: a + b / cfg.ttur, acc, m)
+
+  zeros = {"fake_loss": jnp.zeros(()), "fake_grad_norm": jnp.zeros(())}
+  state, fake_metrics = jax.lax.fori_loop(0, cfg.ttur, body, (state, zeros))
+  state, gen_metrics = generator_step(cfg, k, state, teacher_params, batch["y"][cfg.ttur],
+                                      jax.random.fold_in(base, cfg.ttur))
+  metrics = {**fake_metrics, **gen_metrics}
+  metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in
+                                         (metrics["fake_loss"], metrics["fake_grad_norm"],
+                                          metrics["gen_grad_norm"], metrics["dmd_grad_norm"])]))
+  return state.replace(step=state.step + 1), metrics
+
+
+def jit_phase_step(cfg: StepConfig, k: int, state_sharding=None, teacher_sharding=None,
+                   batch_sharding=None):
+  """phase_step for phase k, jitted once with explicit shardings and the state donated."""
+  fn = functools.partial(phase_step, cfg, k)
+  if state_sharding is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  return jax.jit(fn, in_shardings=(state_sharding, teacher_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+
+def _set(tup, k, value):
+  return tup[:k] + (value,) + tup[k + 1:]
