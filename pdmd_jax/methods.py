@@ -81,7 +81,8 @@ class PhasePlan:
 def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
               order: str = "progressive", t_min: float = 0.0, t_max: float = 1.0,
               phase1_floor: float | None = None, floor_mode: str = "clamp",
-              grid_times: Sequence[float] | None = None) -> PhasePlan:
+              grid_times: Sequence[float] | None = None,
+              renoise_shift: float | None = None) -> PhasePlan:
   """Builds the PhasePlan of ``method``.
 
   Args:
@@ -96,6 +97,7 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
     phase1_floor: Wan2.2 clamp of phase 1's re-noise t to the high-noise expert range.
     floor_mode: "clamp" (the paper) or "resample".
     grid_times: explicit grid (descending, 1 ... 0) instead of the shifted uniform one.
+    renoise_shift: shift of the re-noise t-samplers if it should differ from the grid's.
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown; allowed: {list(METHODS)}")
@@ -129,7 +131,8 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
   for k in range(num_phases):
     boundary = float(g[(k + 1) * per])
     floor = phase1_floor if (k == 0 and phase1_floor is not None and num_phases > 1) else None
-    sampler = sched_lib.TimeSampler(low=max(boundary, t_min), high=t_max, shift_value=shift,
+    sampler = sched_lib.TimeSampler(low=max(boundary, t_min), high=t_max,
+                                    shift_value=shift if renoise_shift is None else renoise_shift,
                                     floor=floor, floor_mode=floor_mode)
     phases.append(Phase(index=k, times=tuple(float(t) for t in g[k * per:(k + 1) * per]),
                         boundary=boundary, grad_mode=grad_mode, t_sampler=sampler))

@@ -50,12 +50,17 @@ def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
   return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
-def create_state(seed: int, init_params, num_phases: int, gen_tx, fake_tx) -> TrainState:
-  """Every expert and fake score starts as a copy of ``init_params`` (the teacher fit)."""
+def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx) -> TrainState:
+  """Every expert and fake score starts as a copy of ``init_params`` (the teacher fit).
+
+  rng: the run's base key (uint32[2]) or an int seed.
+  """
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
   copy = lambda: jax.tree.map(jnp.array, init_params)
   experts = tuple(copy() for _ in range(num_phases))
   fakes = tuple(copy() for _ in range(num_phases))
-  return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=rng,
                     experts=experts, expert_opt=tuple(gen_tx.init(p) for p in experts),
                     fakes=fakes, fake_opt=tuple(fake_tx.init(p) for p in fakes))
 

@@ -1,0 +1,37 @@
+"""pdmd_jax entry point: flags only.
+
+  python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm            # train (resumes)
+  python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=sample
+  python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=eval
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from pdmd_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+                          "train: distil (resuming from workdir); sample: write samples of the "
+                          "latest checkpoint to .npz; eval: metrics of the latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == "train":
+    trainer.train_and_evaluate(config, workdir)
+  elif _MODE.value == "sample":
+    print(f"Wrote {trainer.sample_to_npz(config, workdir)}")
+  else:
+    run, state = trainer.restore_latest(config, workdir)
+    trainer.evaluate(run, state, workdir, tag=f"step{int(state.step)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,152 @@
+"""Config validation: every field checked, before anything is built or compiled.
+
+``validate(config)`` raises ValueError naming the field and its allowed values; it returns
+the PhasePlan so that callers never build a plan from an unchecked config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pdmd_jax import losses
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+from pdmd_jax import teachers
+from pdmd_jax.data import gmm as gmm_lib
+
+
+def _fail(field, value, allowed):
+  raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _choice(config, field, allowed):
+  value = _get(config, field)
+  if value not in allowed:
+    _fail(field, value, list(allowed))
+
+
+def _positive(config, field, integer=False, minimum=None):
+  """Integer >= minimum (default 1), or number > 0 (or >= minimum when given)."""
+  value = _get(config, field)
+  number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  if integer:
+    lo = 1 if minimum is None else minimum
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= lo):
+      _fail(field, value, f"an integer >= {lo}")
+  elif minimum is None:
+    if not (number and value > 0):
+      _fail(field, value, "a number > 0")
+  elif not (number and value >= minimum):
+    _fail(field, value, f"a number >= {minimum}")
+
+
+def _get(config, field):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config) -> methods.PhasePlan:
+  """Checks ``config`` (a ConfigDict from configs/*.py) and returns its PhasePlan."""
+  _choice(config, "method", methods.METHODS)
+  _choice(config, "phase_order", methods.PHASE_ORDERS)
+  _choice(config, "schedule", tuple(S.SCHEDULES))
+  _positive(config, "num_steps", integer=True)
+  _positive(config, "num_phases", integer=True)
+  n, k, m = config.num_steps, config.num_phases, config.method
+  if m == "dmd" and (n, k) != (1, 1):
+    _fail("num_steps", n, "1 with num_phases=1 for method 'dmd' (one-step DMD)")
+  if m in ("dmd_multistep", "dmd2_sgts") and k != 1:
+    _fail("num_phases", k, f"1 for method {m!r}")
+  if m == "phased_dmd" and k != n:
+    _fail("num_phases", k, f"num_steps={n} for 'phased_dmd' (N-step N-phase); use "
+          "'phased_dmd_sgts' for K < N")
+  if n % k:
+    _fail("num_phases", k, f"a divisor of num_steps={n}: {[d for d in range(1, n + 1) if n % d == 0]}")
+  _positive(config, "shift")
+  grid = tuple(config.grid_times)
+  if grid:
+    g = np.asarray(grid, dtype=np.float64)
+    if g.shape != (n + 1,):
+      _fail("grid_times", grid, f"{n + 1} values (num_steps + 1) from 1 down to 0")
+    if g[0] != 1.0 or g[-1] != 0.0:
+      _fail("grid_times", grid, "a grid starting at 1 and ending at 0")
+    inner = g[1:-1]
+    if np.any((inner <= 0) | (inner >= 1)):
+      _fail("grid_times", grid, "internal boundaries inside the open interval (0, 1)")
+    if np.any(np.diff(g) >= 0):
+      _fail("grid_times", grid, "strictly decreasing times (1 = t_0 > t_1 > ... > t_N = 0)")
+
+  t = config.teacher
+  _choice(config, "teacher.type", teachers.TEACHERS)
+  _choice(config, "teacher.dataset", gmm_lib.DATASETS)
+  _positive(config, "teacher.dim", integer=True)
+  if t.dataset == "ring" and t.dim != 2:
+    _fail("teacher.dim", t.dim, "[2] for dataset 'ring' (use dataset 'random' for other dims)")
+  _positive(config, "teacher.num_modes", integer=True)
+  _positive(config, "teacher.num_classes", integer=True)
+  if t.num_classes > t.num_modes:
+    _fail("teacher.num_classes", t.num_classes, f"at most teacher.num_modes={t.num_modes}")
+  _positive(config, "teacher.radius")
+  _positive(config, "teacher.std")
+  _positive(config, "teacher.guidance_scale", minimum=0.0)
+
+  _choice(config, "model.name", ("mlp",))
+  for f in ("model.width", "model.depth", "model.time_dim", "init_fit.steps", "init_fit.batch_size",
+            "train.batch_size", "train.num_steps", "train.log_every", "train.ckpt_every",
+            "train.max_to_keep", "eval.num_samples", "eval.teacher_substeps"):
+    _positive(config, f, integer=True)
+  if config.model.time_dim % 2:
+    _fail("model.time_dim", config.model.time_dim, "an even integer")
+  for f in ("init_fit.lr", "generator.lr", "fake.lr", "generator.b2", "fake.b2"):
+    _positive(config, f)
+  for f in ("generator.b1", "fake.b1", "generator.weight_decay", "fake.weight_decay",
+            "generator.grad_clip", "fake.grad_clip"):
+    _positive(config, f, minimum=0.0)
+  for f in ("generator.b1", "fake.b1", "generator.b2", "fake.b2"):
+    if _get(config, f) >= 1:
+      _fail(f, _get(config, f), "a value in [0, 1)")
+  _choice(config, "generator.weighting", losses.GENERATOR_WEIGHTINGS)
+  _choice(config, "fake.target", losses.FAKE_TARGETS)
+  if not isinstance(config.fake.ttur, int) or config.fake.ttur < 1:
+    _fail("fake.ttur", config.fake.ttur, "an integer >= 1 (fake updates per generator update)")
+
+  ts = config.t_sampler
+  if not 0.0 <= ts.t_min < ts.t_max <= 1.0:
+    _fail("t_sampler.t_min", (ts.t_min, ts.t_max), "0 <= t_min < t_max <= 1")
+  _choice(config, "t_sampler.floor_mode", S.CLAMP_MODES)
+  if ts.shift is not None and not ts.shift > 0:
+    _fail("t_sampler.shift", ts.shift, "None (the grid's shift) or a number > 0")
+  if ts.phase1_floor is not None and not 0.0 < ts.phase1_floor < ts.t_max:
+    _fail("t_sampler.phase1_floor", ts.phase1_floor, f"None or a value in (0, t_max={ts.t_max})")
+
+  if config.train.num_steps % k:
+    _fail("train.num_steps", config.train.num_steps, f"a multiple of num_phases={k} (equal budget per phase)")
+  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+    _fail("mesh", dict(config.mesh), "at most one axis size of -1")
+  for f in ("mesh.data", "mesh.fsdp"):
+    if _get(config, f) != -1:
+      _positive(config, f, integer=True)
+
+  plan = methods.make_plan(m, n, k, config.shift, order=config.phase_order, t_min=ts.t_min,
+                           t_max=ts.t_max, phase1_floor=ts.phase1_floor, floor_mode=ts.floor_mode,
+                           grid_times=grid or None, renoise_shift=ts.shift)
+  for p in plan.phases:
+    if p.t_sampler.low >= p.t_sampler.high:
+      _fail("t_sampler.t_max", ts.t_max, f"above phase {p.index + 1}'s boundary {p.boundary:.4f}")
+  return plan
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) with one -1 filled in; the batch must divide over data x fsdp."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  if data == -1:
+    data = num_devices // fsdp
+  if fsdp == -1:
+    fsdp = num_devices // data
+  if data * fsdp != num_devices:
+    _fail("mesh", dict(config.mesh), f"data x fsdp = {num_devices} devices")
+  if config.train.batch_size % (data * fsdp):
+    _fail("train.batch_size", config.train.batch_size, f"a multiple of data x fsdp = {data * fsdp}")
+  return data, fsdp

@@ -1,0 +1,61 @@
+"""Samplers: the distilled few-step MoE sampler and the teacher's many-step reference.
+
+Both are Euler (spec §3.3). The few-step sampler routes grid step i to the expert of the
+phase that owns it; the teacher sampler refines each grid interval into ``substeps`` Euler
+steps uniform in unshifted u, so that it passes through every phase boundary exactly and
+its states there can be compared with the distilled generator's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+from pdmd_jax import teachers
+
+
+def few_step_sample(plan: methods.PhasePlan, apply, experts, z, y):
+  """Returns the trajectory [x_{t_0} = z, x_{t_1}, ..., x_{t_N}] (a list of N + 1 arrays)."""
+  x, traj = z, [z]
+  route = plan.expert_of_step()
+  for i, (t, t_next) in enumerate(zip(plan.grid[:-1], plan.grid[1:])):
+    v = apply(experts[route[i]], x, jnp.full((x.shape[0],), t, jnp.float32), y)
+    x = S.euler_step(x, t, t_next, v)
+    traj.append(x)
+  return traj
+
+
+def fine_grid(grid, substeps: int, shift_value: float) -> tuple[np.ndarray, list[int]]:
+  """Refines ``grid`` with ``substeps`` steps per interval (uniform in unshifted u).
+
+  Returns (times, indices of the original grid points in ``times``).
+  """
+  times, marks = [float(grid[0])], [0]
+  for a, b in zip(grid[:-1], grid[1:]):
+    ua, ub = S.unshift(a, shift_value), S.unshift(b, shift_value)
+    u = np.linspace(ua, ub, substeps + 1)[1:]
+    ts = [float(S.shift(v, shift_value)) for v in u]
+    ts[-1] = float(b)
+    times += ts
+    marks.append(len(times) - 1)
+  return np.asarray(times), marks
+
+
+def teacher_sample(teacher: teachers.Teacher, teacher_params, plan: methods.PhasePlan, z, y, *,
+                   substeps: int, shift_value: float):
+  """Many-step Euler with the (guided) teacher; returns its states at the plan's grid times."""
+  times, marks = fine_grid(plan.grid, substeps, shift_value)
+  ts = jnp.asarray(times, jnp.float32)
+
+  def body(i, x):
+    v = teacher.velocity(teacher_params, x, jnp.full((x.shape[0],), ts[i]), y)
+    return S.euler_step(x, ts[i], ts[i + 1], v)
+
+  traj, x = [z], z
+  for a, b in zip(marks[:-1], marks[1:]):
+    x = jax.lax.fori_loop(a, b, body, x)
+    traj.append(x)
+  return traj

@@ -1,0 +1,421 @@
+"""Schedule identities (spec §7 items 1, 2, 3, 8, 9, 11), t-samplers and phase plans."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from pdmd_jax import losses
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+
+SCHEDULE_NAMES = (("flow_matching", "flow_matching"), ("vp_cosine", "vp_cosine"))
+
+# (t, s) pairs with s < t, including s = 0 and t = 1.
+T_S_PAIRS = np.array([[0.3, 0.0], [0.5, 0.1], [0.8, 0.6], [0.95, 0.8333], [0.99, 0.9375],
+                      [1.0, 0.5], [0.7, 0.69]], np.float32)
+
+
+def _rand(key, shape):
+  return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+
+
+class CompositionTest(parameterized.TestCase):
+  """§7 item 1: alpha_{t|s} alpha_s = alpha_t and sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2 = sigma_t^2."""
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_transition_composes(self, name):
+    """Both composition identities hold on a set of (t, s) pairs."""
+    sched = S.get_schedule(name)
+    t, s = jnp.asarray(T_S_PAIRS[:-1, 0]), jnp.asarray(T_S_PAIRS[:-1, 1])
+    a_ts, s_ts = S.transition(sched, t, s)
+    a_t, s_t = S.alpha_sigma(sched, t)
+    a_s, s_s = S.alpha_sigma(sched, s)
+    chex.assert_trees_all_close(a_ts * a_s, a_t, atol=1e-6)
+    chex.assert_trees_all_close(s_ts**2 + a_ts**2 * s_s**2, s_t**2, atol=1e-6)
+    self.assertTrue(bool(jnp.all(s_ts > 0)))
+
+  def test_flow_matching_sigma_ts_closed_form(self):
+    """FM: sigma_{t|s}^2 = t^2 - (1-t)^2 s^2 / (1-s)^2 > 0 for t > s."""
+    sched = S.flow_matching()
+    t, s = T_S_PAIRS[:, 0].astype(np.float64), T_S_PAIRS[:, 1].astype(np.float64)
+    _, s_ts = S.transition(sched, jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32))
+    expected = t**2 - (1 - t)**2 * s**2 / (1 - s)**2
+    self.assertTrue(np.all(expected > 0))
+    np.testing.assert_allclose(np.asarray(s_ts)**2, expected, rtol=1e-4, atol=1e-6)
+
+  def test_transition_floor(self):
+    """sigma_{t|s}^2 is floored at SIGMA2_FLOOR, so t = s stays finite."""
+    _, s_ts = S.transition(S.flow_matching(), jnp.float32(0.5), jnp.float32(0.5))
+    np.testing.assert_allclose(float(s_ts)**2, S.SIGMA2_FLOOR, rtol=1e-3)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_two_stage_sampling_reproduces_marginal(self, name):
+    """x_s ~ p(x_s|x_0) then renoise to t gives x_t ~ N(alpha_t x_0, sigma_t^2) (Monte Carlo)."""
+    sched = S.get_schedule(name)
+    n, x0, s, t = 400_000, 0.7, 0.6, 0.8
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a_s, s_s = S.alpha_sigma(sched, s)
+    x_s = a_s * x0 + s_s * jax.random.normal(k1, (n, 1))
+    x_t = S.renoise(sched, x_s, s, jnp.full((n,), t), jax.random.normal(k2, (n, 1)))
+    a_t, s_t = S.alpha_sigma(sched, t)
+    tol = 5 * float(s_t) / np.sqrt(n)
+    self.assertAlmostEqual(float(jnp.mean(x_t)), float(a_t) * x0, delta=tol)
+    self.assertAlmostEqual(float(jnp.std(x_t)), float(s_t), delta=tol)
+
+
+class ReductionAtZeroTest(parameterized.TestCase):
+  """§7 item 2: every subinterval formula reduces to plain DMD at s = 0."""
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_dmd_weight_at_zero(self, name):
+    """w_{t|0} = w_t = alpha_t^2 / (alpha_t sigma_t + sigma_t^2)."""
+    sched = S.get_schedule(name)
+    t = jnp.linspace(0.05, 0.99, 17)
+    a, s = S.alpha_sigma(sched, t)
+    chex.assert_trees_all_close(S.dmd_weight(sched, t, 0.0), a**2 / (a * s + s**2), rtol=1e-5)
+
+  def test_flow_matching_dmd_weights(self):
+    """FM: w_t = (1-t)^2/t and w_{t|s} = (1-t)^2 / ((1-s) t)."""
+    sched = S.flow_matching()
+    t = np.linspace(0.05, 0.99, 17).astype(np.float32)
+    np.testing.assert_allclose(S.dmd_weight(sched, jnp.asarray(t), 0.0), (1 - t)**2 / t,
+                               rtol=1e-5)
+    for s in (0.3, 0.6, 0.8333):
+      tt = t[t > s]
+      np.testing.assert_allclose(S.dmd_weight(sched, jnp.asarray(tt), s),
+                                 (1 - tt)**2 / ((1 - s) * tt), rtol=1e-5)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_fake_targets_at_zero(self, name):
+    """Eq. 11 target -> eps - x_0 (= Eq. 4); Eq. 13 -> weight clamp(1/sigma_t^2, 0, 10), scale sigma_t."""
+    sched = S.get_schedule(name)
+    b = 16
+    x0, eps = _rand(0, (b, 3)), _rand(1, (b, 3))
+    t = jnp.linspace(0.02, 0.98, b)
+    w, scale, target = losses.fake_target(sched, x0, 0.0, t, eps, "eq11")
+    chex.assert_trees_all_close(target, eps - x0, atol=1e-5)
+    chex.assert_trees_all_close(w, jnp.ones((b,)))
+    chex.assert_trees_all_close(scale, jnp.ones((b, 1)))
+    w13, scale13, target13 = losses.fake_target(sched, x0, 0.0, t, eps, "eq13")
+    _, s_t = S.alpha_sigma(sched, t)
+    chex.assert_trees_all_close(w13, jnp.minimum(1.0 / s_t**2, 10.0), rtol=1e-5)
+    chex.assert_trees_all_close(scale13[:, 0], s_t, rtol=1e-6)
+    chex.assert_trees_all_close(target13, s_t[:, None] * (eps - x0), atol=1e-5)
+    # Eq. 13 loss at s = 0 is min(1, 10 sigma_t^2) ||psi - (eps - x0)||^2.
+    psi = _rand(2, (b, 3))
+    per = jax.vmap(lambda *a: losses.fake_loss(*(v[None] for v in a)))(psi, w13, scale13, target13)
+    expected = jnp.minimum(1.0, 10 * s_t**2) * jnp.mean((psi - (eps - x0))**2, axis=1)
+    chex.assert_trees_all_close(per, expected, rtol=1e-4, atol=1e-6)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_eq12_target_at_zero(self, name):
+    """Eq. 12 target x_s/alpha_s - alpha_t sigma_s^2/(alpha_s^2 sigma_{t|s}) eps -> x_0 at s = 0.
+
+    losses.fake_target has no 'eq12' option (velocity fakes only); the formula is the spec's.
+    """
+    sched = S.get_schedule(name)
+    x0, eps = _rand(3, (8, 2)), _rand(4, (8, 2))
+    t = jnp.linspace(0.1, 0.9, 8)[:, None]
+    a_t, _ = S.alpha_sigma(sched, t)
+    a_s, s_s = S.alpha_sigma(sched, jnp.float32(0.0))
+    _, s_ts = S.transition(sched, t, 0.0)
+    target12 = x0 / a_s - a_t * s_s**2 / (a_s**2 * s_ts) * eps
+    chex.assert_trees_all_close(target12, x0, atol=1e-7)
+
+
+class PseudoPairTest(parameterized.TestCase):
+  """§7 item 3: pseudo pairs (x0~, eps~) reproduce x_t and the Eq. 11 target is eps~ - x0~."""
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_pseudo_pairs(self, name):
+    """alpha_t x0~ + sigma_t eps~ == x_t, and fake_target('eq11') == eps~ - x0~."""
+    sched = S.get_schedule(name)
+    b = 32
+    x_s, eps = _rand(5, (b, 4)), _rand(6, (b, 4))
+    for s in (0.0, 0.3, 0.6, 0.8333):
+      t = jnp.linspace(s + 0.01, 0.999, b)
+      a_t, s_t = [v[:, None] for v in S.alpha_sigma(sched, t)]
+      a_s, s_s = S.alpha_sigma(sched, jnp.float32(s))
+      s_ts = S.transition(sched, t, s)[1][:, None]
+      x0_tilde = x_s / a_s - a_t * s_s**2 / (a_s**2 * s_ts) * eps
+      eps_tilde = s_t * eps / s_ts
+      x_t = S.renoise(sched, x_s, s, t, eps)
+      chex.assert_trees_all_close(a_t * x0_tilde + s_t * eps_tilde, x_t, atol=2e-5, rtol=1e-5)
+      w, scale, target = losses.fake_target(sched, x_s, s, t, eps, "eq11")
+      chex.assert_trees_all_close(target, eps_tilde - x0_tilde, atol=2e-5, rtol=1e-5)
+      chex.assert_trees_all_close(w, jnp.ones((b,)))
+      chex.assert_trees_all_close(scale, jnp.ones((b, 1)))
+
+
+class ConversionTest(parameterized.TestCase):
+  """§7 item 8: velocity <-> x0 / eps / score conversions with v := eps - x_0."""
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_conversions(self, name):
+    """v_to_x0, v_to_eps invert x_t = alpha x0 + sigma eps; score = -eps/sigma; score_to_v inverts."""
+    sched = S.get_schedule(name)
+    b = 24
+    x0, eps = _rand(7, (b, 3)), _rand(8, (b, 3))
+    t = jnp.linspace(0.02, 0.98, b)
+    a, s = [v[:, None] for v in S.alpha_sigma(sched, t)]
+    x_t = a * x0 + s * eps
+    v = S.x0_eps_to_v(x0, eps)
+    chex.assert_trees_all_close(v, eps - x0)
+    chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v), x0, atol=5e-6)
+    chex.assert_trees_all_close(S.v_to_eps(sched, x_t, t, v), eps, atol=5e-6)
+    chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v),
+                                (x_t - s * v) / (a + s), atol=1e-6)
+    score = S.v_to_score(sched, x_t, t, v)
+    chex.assert_trees_all_close(score, -eps / s, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(score, -(x_t + a * v) / (s * (a + s)), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(S.score_to_v(sched, x_t, t, score), v, rtol=1e-4, atol=1e-4)
+    # Eq. 5 form of score_to_v.
+    chex.assert_trees_all_close(S.score_to_v(sched, x_t, t, score),
+                                -(s + s**2 / a) * score - x_t / a, rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_score_difference(self, name):
+    """s_T - s_F = -alpha_t (v_T - v_F) / (sigma_t (alpha_t + sigma_t))."""
+    sched = S.get_schedule(name)
+    x_t, v_T, v_F = _rand(9, (16, 2)), _rand(10, (16, 2)), _rand(11, (16, 2))
+    t = jnp.linspace(0.05, 0.95, 16)
+    a, s = [v[:, None] for v in S.alpha_sigma(sched, t)]
+    diff = S.v_to_score(sched, x_t, t, v_T) - S.v_to_score(sched, x_t, t, v_F)
+    chex.assert_trees_all_close(diff, -a * (v_T - v_F) / (s * (a + s)), rtol=1e-4, atol=1e-4)
+
+  def test_flow_matching_special_case(self):
+    """FM: x0 = x_t - t v, eps = x_t + (1-t) v, score = -(x_t + (1-t) v)/t."""
+    sched = S.flow_matching()
+    x_t, v = _rand(12, (10, 2)), _rand(13, (10, 2))
+    t = jnp.linspace(0.05, 0.95, 10)
+    tt = t[:, None]
+    chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v), x_t - tt * v, atol=1e-6)
+    chex.assert_trees_all_close(S.v_to_eps(sched, x_t, t, v), x_t + (1 - tt) * v, atol=1e-6)
+    chex.assert_trees_all_close(S.v_to_score(sched, x_t, t, v), -(x_t + (1 - tt) * v) / tt,
+                                rtol=1e-5, atol=1e-5)
+
+
+class ShiftGridTest(parameterized.TestCase):
+  """§7 item 9: shifted grids, the Wan2.2 boundary split, and the clamp point mass."""
+
+  @parameterized.named_parameters(
+      ("shift5", 5.0, [1.0, 0.9375, 0.833333, 0.625, 0.0]),
+      ("shift3", 3.0, [1.0, 0.9, 0.75, 0.5, 0.0]))
+  def test_grid(self, shift, expected):
+    """shift_5([1,.75,.5,.25,0]) = [1,.9375,.8333,.625,0]; shift_3 = [1,.9,.75,.5,0]."""
+    np.testing.assert_allclose(S.grid(4, shift), expected, atol=1e-6)
+
+  def test_shift_unshift_inverse(self):
+    """unshift(shift(u)) = u, shift is monotone and fixes 0 and 1."""
+    u = np.linspace(0, 1, 101)
+    for s in (1.0, 3.0, 5.0):
+      np.testing.assert_allclose(S.unshift(S.shift(u, s), s), u, atol=1e-12)
+      self.assertTrue(np.all(np.diff(S.shift(u, s)) > 0))
+      np.testing.assert_allclose(S.shift(np.array([0.0, 1.0]), s), [0.0, 1.0])
+
+  def test_wan_boundary_splits_two_two(self):
+    """The T2V boundary 0.875 puts {1, .9375} on the high-noise and {.8333, .625} on the low-noise expert."""
+    steps = np.asarray(S.grid(4, 5.0))[:-1]
+    high = steps >= 0.875
+    np.testing.assert_array_equal(high, [True, True, False, False])
+    np.testing.assert_array_equal(steps >= 0.9, [True, True, False, False])
+
+  def test_phase_boundaries(self):
+    """phase_boundaries(grid(4), 2) = (.8333, 0); (4) = (.9375, .8333, .625, 0); 3 phases raise."""
+    g = S.grid(4, 5.0)
+    np.testing.assert_allclose(S.phase_boundaries(g, 2), [0.833333, 0.0], atol=1e-6)
+    np.testing.assert_allclose(S.phase_boundaries(g, 4), [0.9375, 0.833333, 0.625, 0.0], atol=1e-6)
+    np.testing.assert_allclose(S.phase_boundaries(g, 1), [0.0], atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "num_phases=3"):
+      S.phase_boundaries(g, 3)
+
+  @parameterized.named_parameters(("t2v", 0.875, 1.0 / 6.0), ("i2v", 0.9, 2.0 / 7.0))
+  def test_clamp_point_mass(self, floor, fraction):
+    """Clamping shift_5(U(0.5, 1)) at b puts (u* - .5)/.5 on b, u* = b/(5 - 4b): 1/6 and 2/7."""
+    u_star = floor / (5 - 4 * floor)
+    self.assertAlmostEqual((u_star - 0.5) / 0.5, fraction, places=12)
+    low = float(S.shift(0.5, 5.0))
+    sampler = S.TimeSampler(low=low, high=1.0, shift_value=5.0, floor=floor, floor_mode="clamp")
+    self.assertAlmostEqual(sampler.point_mass_at_floor(), fraction, places=6)
+    n = 200_000
+    t = np.asarray(sampler(jax.random.PRNGKey(1), (n,)))
+    at_floor = np.mean(t == np.float32(floor))
+    self.assertAlmostEqual(at_floor, fraction, delta=5 * np.sqrt(fraction / n))
+    self.assertGreaterEqual(t.min(), np.float32(floor))
+    self.assertLessEqual(t.max(), 1.0)
+
+  @parameterized.named_parameters(("t2v", 0.875), ("i2v", 0.9))
+  def test_resample_mode(self, floor):
+    """Resampling never goes below the floor, has no point mass, and is uniform in u on (u*, 1)."""
+    low = float(S.shift(0.5, 5.0))
+    sampler = S.TimeSampler(low=low, high=1.0, shift_value=5.0, floor=floor,
+                            floor_mode="resample")
+    self.assertEqual(sampler.point_mass_at_floor(), 0.0)
+    n = 200_000
+    t = np.asarray(sampler(jax.random.PRNGKey(2), (n,)))
+    self.assertGreaterEqual(t.min(), floor - 1e-6)
+    self.assertLess(np.mean(np.abs(t - floor) < 1e-7), 1e-3)
+    u = S.unshift(t.astype(np.float64), 5.0)
+    u_star = floor / (5 - 4 * floor)
+    self.assertAlmostEqual(u.mean(), 0.5 * (u_star + 1.0), delta=2e-3)
+
+  @parameterized.named_parameters(
+      ("full", 0.0, 1.0, 5.0), ("phase1", 0.833333, 1.0, 5.0), ("margins", 0.02, 0.98, 3.0),
+      ("late", 0.625, 1.0, 1.0))
+  def test_sampler_range_and_law(self, low, high, shift):
+    """Samples lie in [low, high] and u = unshift(t) is uniform on (unshift(low), unshift(high))."""
+    sampler = S.TimeSampler(low=low, high=high, shift_value=shift)
+    self.assertEqual(sampler.point_mass_at_floor(), 0.0)
+    t = np.asarray(sampler(jax.random.PRNGKey(3), (100_000,)), np.float64)
+    self.assertGreaterEqual(t.min(), low - 1e-6)
+    self.assertLessEqual(t.max(), high + 1e-6)
+    u = S.unshift(t, shift)
+    u_lo, u_hi = S.unshift(low, shift), S.unshift(high, shift)
+    qs = np.quantile(u, [0.1, 0.5, 0.9])
+    np.testing.assert_allclose(qs, u_lo + (u_hi - u_lo) * np.array([0.1, 0.5, 0.9]), atol=5e-3)
+
+  @pytest.mark.xfail(strict=True, reason=(
+      "BUG: TimeSampler draws u with jax.random.uniform, whose support is [minval, maxval); "
+      "u == unshift(low) has probability 2^-23 per sample, so t == low (t == 0 in the last "
+      "phase, where dmd_weight = inf) despite the documented (low, high]."))
+  def test_sampler_excludes_low_endpoint(self):
+    """The documented half-open range (low, high]: t == low must never be drawn."""
+    sampler = S.TimeSampler(low=0.0, high=1.0, shift_value=5.0)
+    key = jax.random.PRNGKey(0)
+    n = 1 << 24  # ~2 expected draws of u == 0 exactly at float32
+    t = sampler(key, (n,))
+    t_min = float(jnp.min(t))
+    self.assertGreater(t_min, 0.0)
+    self.assertTrue(bool(jnp.isfinite(S.dmd_weight(S.flow_matching(), jnp.min(t), 0.0))))
+
+
+class EulerTest(parameterized.TestCase):
+  """§7 item 11: Euler jumps compose for a constant velocity."""
+
+  def test_euler_composition(self):
+    """euler(t -> s) == euler(t' -> s) o euler(t -> t') for constant v; scalar and per-sample t."""
+    x, v = _rand(14, (6, 3)), _rand(15, (6, 3))
+    for t, tp, s in ((1.0, 0.9375, 0.833333), (0.833333, 0.625, 0.0), (1.0, 0.5, 0.0)):
+      one = S.euler_step(x, t, s, v)
+      two = S.euler_step(S.euler_step(x, t, tp, v), tp, s, v)
+      chex.assert_trees_all_close(one, two, atol=1e-6)
+      chex.assert_trees_all_close(one, x + (s - t) * v, atol=1e-6)
+    t = jnp.linspace(0.6, 1.0, 6)
+    tp, s = t - 0.2, t - 0.5
+    chex.assert_trees_all_close(S.euler_step(x, t, s, v),
+                                S.euler_step(S.euler_step(x, t, tp, v), tp, s, v), atol=1e-6)
+    chex.assert_trees_all_close(S.euler_step(x, t, s, v), x - 0.5 * v, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase plans
+# ---------------------------------------------------------------------------------------------
+
+G5 = [1.0, 0.9375, 0.833333, 0.625, 0.0]
+
+
+class MakePlanTest(parameterized.TestCase):
+  """methods.make_plan: phases, times, boundaries, gradient modes and samplers per method."""
+
+  @parameterized.named_parameters(
+      ("dmd", "dmd", [((1.0,), 0.0)], "full"),
+      ("dmd_multistep", "dmd_multistep", [(tuple(G5[:4]), 0.0)], "full"),
+      ("dmd2_sgts", "dmd2_sgts", [(tuple(G5[:4]), 0.0)], "sgts"),
+      ("phased_dmd", "phased_dmd",
+       [((1.0,), 0.9375), ((0.9375,), 0.833333), ((0.833333,), 0.625), ((0.625,), 0.0)], "full"),
+      ("phased_dmd_sgts", "phased_dmd_sgts",
+       [((1.0, 0.9375), 0.833333), ((0.833333, 0.625), 0.0)], "sgts"))
+  def test_plan(self, method, expected, grad_mode):
+    """4 steps, 2 phases (forced to 1 / N where the method fixes it), shift 5."""
+    plan = methods.make_plan(method, 4, 2, 5.0)
+    self.assertEqual(plan.method, method)
+    self.assertLen(plan.phases, len(expected))
+    self.assertEqual(plan.num_steps, 1 if method == "dmd" else 4)
+    self.assertEqual(plan.grid[0], 1.0)
+    self.assertEqual(plan.grid[-1], 0.0)
+    for k, (phase, (times, boundary)) in enumerate(zip(plan.phases, expected)):
+      self.assertEqual(phase.index, k)
+      np.testing.assert_allclose(phase.times, times, atol=1e-6)
+      self.assertAlmostEqual(phase.boundary, boundary, places=6)
+      self.assertEqual(phase.grad_mode, grad_mode)
+      self.assertEqual(phase.num_steps, len(times))
+      ts = phase.t_sampler
+      self.assertAlmostEqual(ts.low, boundary, places=6)
+      self.assertEqual(ts.high, 1.0)
+      self.assertEqual(ts.shift_value, 5.0)
+      self.assertIsNone(ts.floor)
+    self.assertEqual(plan.phases[-1].boundary, 0.0)
+    flat = [t for p in plan.phases for t in p.times]
+    np.testing.assert_allclose(flat, plan.grid[:-1], atol=0)
+    self.assertLen(plan.expert_of_step(), plan.num_steps)
+    self.assertIn(method, plan.describe())
+
+  def test_dmd_is_one_step(self):
+    """dmd: one step at t = 1 straight to the boundary 0, whatever num_steps says."""
+    plan = methods.make_plan("dmd", 4, 4, 5.0)
+    self.assertEqual(plan.grid, (1.0, 0.0))
+    self.assertLen(plan.phases, 1)
+    self.assertEqual(plan.phases[0].times, (1.0,))
+    self.assertEqual(plan.phases[0].boundary, 0.0)
+
+  def test_qwen_two_phase(self):
+    """Shift 3, 2 phases: phase 1 (1, .9) -> .75, phase 2 (.75, .5) -> 0."""
+    plan = methods.make_plan("phased_dmd_sgts", 4, 2, 3.0)
+    np.testing.assert_allclose(plan.phases[0].times, (1.0, 0.9), atol=1e-6)
+    self.assertAlmostEqual(plan.phases[0].boundary, 0.75, places=6)
+    np.testing.assert_allclose(plan.phases[1].times, (0.75, 0.5), atol=1e-6)
+
+  def test_expert_routing(self):
+    """expert_of_step: (0,0,1,1) for 2 phases, (0,1,2,3) for phased_dmd, (0,0,0,0) for dmd2."""
+    self.assertEqual(methods.make_plan("phased_dmd_sgts", 4, 2, 5.0).expert_of_step(), (0, 0, 1, 1))
+    self.assertEqual(methods.make_plan("phased_dmd", 4, 2, 5.0).expert_of_step(), (0, 1, 2, 3))
+    self.assertEqual(methods.make_plan("dmd2_sgts", 4, 2, 5.0).expert_of_step(), (0, 0, 0, 0))
+
+  def test_phase1_floor_and_margins(self):
+    """phase1_floor only applies to phase 1 of multi-phase plans; t_min/t_max set the range."""
+    plan = methods.make_plan("phased_dmd_sgts", 4, 2, 5.0, phase1_floor=0.875, floor_mode="clamp",
+                             t_min=0.02, t_max=0.98)
+    ts0, ts1 = plan.phases[0].t_sampler, plan.phases[1].t_sampler
+    self.assertEqual(ts0.floor, 0.875)
+    self.assertEqual(ts0.floor_mode, "clamp")
+    u_star, u_hi = S.unshift(0.875, 5.0), S.unshift(0.98, 5.0)
+    self.assertAlmostEqual(ts0.point_mass_at_floor(), (u_star - 0.5) / (u_hi - 0.5), places=6)
+    self.assertIsNone(ts1.floor)
+    self.assertAlmostEqual(ts0.low, 0.833333, places=6)
+    self.assertEqual(ts1.low, 0.02)
+    self.assertEqual(ts0.high, 0.98)
+    single = methods.make_plan("dmd2_sgts", 4, 1, 5.0, phase1_floor=0.875)
+    self.assertIsNone(single.phases[0].t_sampler.floor)
+    resample = methods.make_plan("phased_dmd_sgts", 4, 2, 5.0, phase1_floor=0.9,
+                                 floor_mode="resample")
+    self.assertEqual(resample.phases[0].t_sampler.point_mass_at_floor(), 0.0)
+
+  def test_explicit_grid(self):
+    """grid_times overrides the shifted grid and must be strictly decreasing from 1 to 0."""
+    plan = methods.make_plan("phased_dmd_sgts", 4, 2, 5.0, grid_times=[1.0, 0.9, 0.75, 0.5, 0.0])
+    self.assertEqual(plan.phases[0].boundary, 0.75)
+    with self.assertRaisesRegex(ValueError, "grid_times="):
+      methods.make_plan("phased_dmd_sgts", 4, 2, 5.0, grid_times=[1.0, 0.5, 0.75, 0.25, 0.0])
+
+  @parameterized.named_parameters(
+      ("method", dict(method="dmd3"), "method="),
+      ("phases", dict(method="phased_dmd_sgts", num_phases=3), "num_phases=3"),
+      ("phases_zero", dict(method="phased_dmd_sgts", num_phases=0), "num_phases=0"),
+      ("order", dict(method="phased_dmd_sgts", order="random"), "phase_order="),
+      ("floor_mode", dict(method="phased_dmd_sgts", floor_mode="reflect"), "floor_mode="),
+      ("steps", dict(method="dmd_multistep", num_steps=0), "num_steps=0"))
+  def test_errors_name_the_field(self, kwargs, field):
+    """Invalid arguments raise ValueError whose message names the offending field."""
+    args = dict(method="dmd", num_steps=4, num_phases=2, shift=5.0)
+    args.update(kwargs)
+    with self.assertRaisesRegex(ValueError, field):
+      methods.make_plan(args.pop("method"), args.pop("num_steps"), args.pop("num_phases"),
+                        args.pop("shift"), **args)
+
+
+if __name__ == "__main__":
+  absltest.main()
