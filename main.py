@@ -5,6 +5,9 @@
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=eval
 """
 
+import os
+
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -23,6 +26,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # XLA's CPU compiles are slow (seconds per phase step); a persistent cache makes resumed
+  # and repeated runs start at once. PDMD_JAX_CACHE="" disables it.
+  cache = os.environ.get("PDMD_JAX_CACHE", os.path.expanduser("~/.cache/pdmd_jax/xla"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == "train":
     trainer.train_and_evaluate(config, workdir)

@@ -170,7 +170,8 @@ def _memory(compiled) -> dict:
 # ============================================================================================
 
 def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int | None = None,
-                       evaluate_phases: bool = True, verbose: bool = True) -> dict:
+                       evaluate_phases: bool = True, final_eval: bool = True,
+                       verbose: bool = True) -> dict:
   """Distils the teacher into the plan's experts; resumes from ``workdir`` if it holds a checkpoint.
 
   stop_at_step: stop (after checkpointing) once this many generator updates are done; used to
@@ -226,7 +227,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       bar.close()
     ckpt.close()
     writer.close()
-  if step < total:
+  if step < total or not final_eval:
     return {"stopped_at_step": step}
   final = evaluate(run, state, workdir, tag="final", verbose=verbose)
   final["time_per_step_ms"] = 1000 * float(np.median(times[1:])) if len(times) > 1 else float("nan")

@@ -5,3 +5,25 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# XLA's CPU compiles take seconds per phase step; tests that rebuild the same program (resume,
+# sharding, end-to-end) share them through a per-session persistent cache.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="pdmd_jax_xla_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def gmm_config():
+  """The tiny (runlocal) Gaussian-mixture config; tests adjust leaves."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("gmm_config", os.path.join(ROOT, "configs", "gmm.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config
