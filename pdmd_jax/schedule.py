@@ -201,7 +201,8 @@ class TimeSampler(NamedTuple):
     u_high = unshift(self.high, self.shift_value)
     if self.floor is not None and self.floor_mode == "resample":
       u_low = max(u_low, unshift(self.floor, self.shift_value))
-    u = jax.random.uniform(key, shape, minval=u_low, maxval=u_high)
+    # uniform() is [0, 1): flip it so that t = low (where w_{t|0} = 1/0) is never drawn.
+    u = u_high - (u_high - u_low) * jax.random.uniform(key, shape)
     t = shift(u, self.shift_value)
     if self.floor is not None and self.floor_mode == "clamp":
       t = jnp.maximum(t, self.floor)

@@ -54,7 +54,10 @@ def gmm_posterior(sched: S.Schedule, gmm: gmm_lib.GaussianMixture, x_t, t, y):
   d = x_t.shape[-1]
   sq = (jnp.sum(x_t**2, -1, keepdims=True) - 2 * a * (x_t @ gmm.means.T)
         + a**2 * jnp.sum(gmm.means**2, -1)[None, :])           # ||x - a mu_i||^2
-  logw = jnp.log(gmm_lib.mode_weights_given_class(gmm, y) + 1e-30)
+  w = gmm_lib.mode_weights_given_class(gmm, y)
+  # -inf (not log(1e-30)) for other classes' modes: far from every mode of y, a finite floor
+  # would let an out-of-class mode win the softmax.
+  logw = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
   logp = logw - 0.5 * (sq / var + d * jnp.log(var))
   r = jax.nn.softmax(logp, axis=-1)                            # p(mode | x_t, y)
   rc_x0 = r * a * gmm.stds[None, :]**2 / var                   # weights of (x - a mu_i) in x0

@@ -355,11 +355,6 @@ class TeacherTest(parameterized.TestCase):
     v, expected = _velocity_pair(sched, gmm, x, t, y)
     chex.assert_trees_all_close(v, expected, rtol=2e-3, atol=2e-3)
 
-  @pytest.mark.xfail(strict=True, reason=(
-      "BUG (teachers.gmm_posterior): out-of-class modes are masked with log(w + 1e-30) = -69 "
-      "instead of -inf, so when x_t is more than ~sqrt(138 var) from every mode of class y "
-      "(low t), out-of-class modes dominate the softmax and the conditional velocity is that of "
-      "the wrong class. Default 'random' teacher (D=16, 12 modes, std .15), t=0.05."))
   def test_off_class_points(self):
     """x_t at an out-of-class mode, low t: gmm_velocity must still be the velocity of p_t(x|y)."""
     sched = FM

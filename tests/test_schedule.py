@@ -283,10 +283,6 @@ class ShiftGridTest(parameterized.TestCase):
     qs = np.quantile(u, [0.1, 0.5, 0.9])
     np.testing.assert_allclose(qs, u_lo + (u_hi - u_lo) * np.array([0.1, 0.5, 0.9]), atol=5e-3)
 
-  @pytest.mark.xfail(strict=True, reason=(
-      "BUG: TimeSampler draws u with jax.random.uniform, whose support is [minval, maxval); "
-      "u == unshift(low) has probability 2^-23 per sample, so t == low (t == 0 in the last "
-      "phase, where dmd_weight = inf) despite the documented (low, high]."))
   def test_sampler_excludes_low_endpoint(self):
     """The documented half-open range (low, high]: t == low must never be drawn."""
     sampler = S.TimeSampler(low=0.0, high=1.0, shift_value=5.0)
