@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(workdir, *extra):
-  env = {**os.environ, "PDMD_JAX_CACHE": os.environ.get("PDMD_JAX_TEST_CACHE", "")}
+  # The runs share a compilation cache beside the workdir, as a user's repeated runs do.
+  env = {**os.environ, "PDMD_JAX_CACHE": os.path.join(os.path.dirname(workdir), "xla")}
   env.pop("XLA_FLAGS", None)        # a user's single-device run
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
                          "--config=" + os.path.join(ROOT, "configs", "gmm.py") + ":runlocal",
