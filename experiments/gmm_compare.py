@@ -43,6 +43,7 @@ ROWS = [
     ("phased_dmd (4-step 4-phase)", "method=phased_dmd,steps=4", {}, 1),
     ("phased_dmd_sgts (4-step 2-phase)", "method=phased_dmd_sgts,steps=4,phases=2", {}, 1),
     ("phased_dmd, naive fake target (ablation)", "method=phased_dmd,steps=4", {"fake.target": "naive"}, 1),
+    ("phased_dmd, t_min=0 (no margin)", "method=phased_dmd,steps=4", {"t_sampler.t_min": 0.0}, 1),
 ]
 
 

@@ -233,6 +233,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   final["time_per_step_ms"] = 1000 * float(np.median(times[1:])) if len(times) > 1 else float("nan")
   final["peak_memory_bytes"] = max(m["peak_bytes"] for m in memory.values())
   final["memory_by_phase"] = memory
+  final["phases"] = results
   _write_json(os.path.join(workdir, "metrics.json"), final)
   return final
 
