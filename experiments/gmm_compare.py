@@ -33,17 +33,20 @@ _STEPS = flags.DEFINE_integer("steps", 2000, "Generator updates per run (all met
 _SGTS_LONG = flags.DEFINE_integer("sgts_long", 4, "Extra dmd2_sgts run at this multiple of the budget (0: none).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_gmm_compare", "Scratch workdirs.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these row names.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these row ids (dmd, multistep, sgts, phased, "
+                          "phased_sgts, naive, no_margin, sgts_long).")
 
-# (row name, config variant, leaf overrides, budget multiple)
+# (row id, row name, config variant, leaf overrides, budget multiple)
 ROWS = [
-    ("dmd (1 step)", "method=dmd", {}, 1),
-    ("dmd_multistep (4 steps)", "method=dmd_multistep,steps=4", {}, 1),
-    ("dmd2_sgts (4 steps)", "method=dmd2_sgts,steps=4", {}, 1),
-    ("phased_dmd (4-step 4-phase)", "method=phased_dmd,steps=4", {}, 1),
-    ("phased_dmd_sgts (4-step 2-phase)", "method=phased_dmd_sgts,steps=4,phases=2", {}, 1),
-    ("phased_dmd, naive fake target (ablation)", "method=phased_dmd,steps=4", {"fake.target": "naive"}, 1),
-    ("phased_dmd, t_min=0 (no margin)", "method=phased_dmd,steps=4", {"t_sampler.t_min": 0.0}, 1),
+    ("dmd", "dmd (1 step)", "method=dmd", {}, 1),
+    ("multistep", "dmd_multistep (4 steps)", "method=dmd_multistep,steps=4", {}, 1),
+    ("sgts", "dmd2_sgts (4 steps)", "method=dmd2_sgts,steps=4", {}, 1),
+    ("phased", "phased_dmd (4-step 4-phase)", "method=phased_dmd,steps=4", {}, 1),
+    ("phased_sgts", "phased_dmd_sgts (4-step 2-phase)", "method=phased_dmd_sgts,steps=4,phases=2", {}, 1),
+    ("naive", "phased_dmd, naive fake target (ablation)", "method=phased_dmd,steps=4",
+     {"fake.target": "naive"}, 1),
+    ("no_margin", "phased_dmd, t_min=0 (no margin)", "method=phased_dmd,steps=4",
+     {"t_sampler.t_min": 0.0}, 1),
 ]
 
 
@@ -94,13 +97,13 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   rows = list(ROWS)
   if _SGTS_LONG.value:
-    rows.append((f"dmd2_sgts (4 steps), {_SGTS_LONG.value}x budget", "method=dmd2_sgts,steps=4", {},
-                 _SGTS_LONG.value))
+    rows.append(("sgts_long", f"dmd2_sgts (4 steps), {_SGTS_LONG.value}x budget",
+                 "method=dmd2_sgts,steps=4", {}, _SGTS_LONG.value))
   if _ONLY.value:
     rows = [r for r in rows if r[0] in _ONLY.value]
   for dataset in _DATASETS.value:
     results = {}
-    for name, variant, overrides, mult in rows:
+    for _, name, variant, overrides, mult in rows:
       for seed in map(int, _SEEDS.value):
         out, workdir = run_one(name, variant, overrides, _STEPS.value * mult, dataset, seed)
         results.setdefault(name, []).append(out)
