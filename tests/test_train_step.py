@@ -85,3 +85,14 @@ def test_data2_fsdp4_matches_single_device(gmm_config, variant):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   for name in ("fake_loss", "gen_grad_norm", "dmd_grad_norm"):
     np.testing.assert_allclose(m1[name], m8[name], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("order,expected", [("progressive", [0, 0, 1, 1, 2, 2, 3, 3]),
+                                            ("interleaved", [0, 1, 2, 3, 0, 1, 2, 3])])
+def test_phase_order(gmm_config, order, expected):
+  """progressive: phase k after phase k-1 (the paper); interleaved: alternate per update."""
+  config = gmm_config("runlocal")
+  config.init_fit.steps = 1
+  config.phase_order = order
+  run = trainer.build(config, None, devices=jax.devices()[:1])
+  assert [run.phase_of(s) for s in range(8)] == expected
