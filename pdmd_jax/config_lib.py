@@ -80,26 +80,15 @@ def validate(config) -> methods.PhasePlan:
 
   t = config.teacher
   _choice(config, "teacher.type", teachers.TEACHERS)
-  _choice(config, "teacher.dataset", gmm_lib.DATASETS)
-  _positive(config, "teacher.dim", integer=True)
-  if t.dataset == "ring" and t.dim != 2:
-    _fail("teacher.dim", t.dim, "[2] for dataset 'ring' (use dataset 'random' for other dims)")
-  _positive(config, "teacher.num_modes", integer=True)
-  _positive(config, "teacher.num_classes", integer=True)
-  if t.num_classes > t.num_modes:
-    _fail("teacher.num_classes", t.num_classes, f"at most teacher.num_modes={t.num_modes}")
-  _positive(config, "teacher.radius")
-  _positive(config, "teacher.std")
   _positive(config, "teacher.guidance_scale", minimum=0.0)
-
-  _choice(config, "model.name", ("mlp",))
-  for f in ("model.width", "model.depth", "model.time_dim", "init_fit.steps", "init_fit.batch_size",
-            "train.batch_size", "train.num_steps", "train.log_every", "train.ckpt_every",
+  for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.ckpt_every",
             "train.max_to_keep", "eval.num_samples", "eval.teacher_substeps"):
     _positive(config, f, integer=True)
-  if config.model.time_dim % 2:
-    _fail("model.time_dim", config.model.time_dim, "an even integer")
-  for f in ("init_fit.lr", "generator.lr", "fake.lr", "generator.b2", "fake.b2"):
+  if t.type == "gmm":
+    _validate_gmm(config)
+  else:
+    _validate_network(config)
+  for f in ("generator.lr", "fake.lr", "generator.b2", "fake.b2"):
     _positive(config, f)
   for f in ("generator.b1", "fake.b1", "generator.weight_decay", "fake.weight_decay",
             "generator.grad_clip", "fake.grad_clip"):
@@ -136,6 +125,47 @@ def validate(config) -> methods.PhasePlan:
     if p.t_sampler.low >= p.t_sampler.high:
       _fail("t_sampler.t_max", ts.t_max, f"above phase {p.index + 1}'s boundary {p.boundary:.4f}")
   return plan
+
+
+def _validate_gmm(config):
+  t = config.teacher
+  _choice(config, "teacher.dataset", gmm_lib.DATASETS)
+  _positive(config, "teacher.dim", integer=True)
+  if t.dataset == "ring" and t.dim != 2:
+    _fail("teacher.dim", t.dim, "[2] for dataset 'ring' (use dataset 'random' for other dims)")
+  _positive(config, "teacher.num_modes", integer=True)
+  _positive(config, "teacher.num_classes", integer=True)
+  if t.num_classes > t.num_modes:
+    _fail("teacher.num_classes", t.num_classes, f"at most teacher.num_modes={t.num_modes}")
+  _positive(config, "teacher.radius")
+  _positive(config, "teacher.std")
+  _choice(config, "model.name", ("mlp",))
+  for f in ("model.width", "model.depth", "model.time_dim", "init_fit.steps", "init_fit.batch_size"):
+    _positive(config, f, integer=True)
+  if config.model.time_dim % 2:
+    _fail("model.time_dim", config.model.time_dim, "an even integer")
+  _positive(config, "init_fit.lr")
+
+
+def _validate_network(config):
+  """A trained network teacher (the DiT): LoRA or full-copy experts on it."""
+  import os  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  t, g = config.teacher, config.generator
+  if t.path and not os.path.exists(os.path.join(t.path, "card.json")):
+    _fail("teacher.path", t.path, "'' (the shipped teacher) or a directory with card.json and "
+          "params.safetensors (python main.py --config=configs/mnist_teacher.py ...)")
+  _choice(config, "model.name", ("dit",))
+  for f in ("model.remat", "model.scan_layers"):
+    if not isinstance(_get(config, f), bool):
+      _fail(f, _get(config, f), [True, False])
+  _positive(config, "generator.lora_rank", integer=True, minimum=0)
+  if g.lora_rank:
+    _positive(config, "generator.lora_alpha")
+    try:
+      re.compile(g.lora_targets)
+    except (re.error, TypeError) as e:
+      _fail("generator.lora_targets", g.lora_targets, f"a regular expression ({e})")
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:

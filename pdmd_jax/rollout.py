@@ -1,6 +1,8 @@
 """Backward simulation for phase k (spec §3.3): frozen earlier experts, then phase-k steps.
 
-All functions take ``apply(params, x, t, y) -> v`` and Euler-step on the plan's grid. The
+All functions take ``apply(params, x, t, y) -> v`` (one function for every expert, or a
+sequence with one per expert, e.g. LoRA experts on different backbones) and Euler-step on the
+plan's grid. The
 phase output x_s lives at the phase boundary s = t_k. Gradient modes:
 - "full": every phase-k step keeps its gradient (vanilla multi-step DMD when K = 1).
 - "sgts": a stop step j is drawn uniformly among the phase's steps (one draw per batch, so it
@@ -23,6 +25,11 @@ def _times(x, t):
   return jnp.full((x.shape[0],), t, jnp.float32)
 
 
+def apply_of(apply, i: int):
+  """Expert i's apply function from a single callable or a per-expert sequence."""
+  return apply if callable(apply) else apply[i]
+
+
 def frozen_prefix(plan: methods.PhasePlan, k: int, apply, experts, z, y):
   """Runs phases 0..k-1 with their experts, no gradient: x at the start of phase k."""
   x = z
@@ -30,7 +37,7 @@ def frozen_prefix(plan: methods.PhasePlan, k: int, apply, experts, z, y):
     p = sg(experts[phase.index])
     nxt = phase.times[1:] + (phase.boundary,)
     for t, t_next in zip(phase.times, nxt):
-      x = S.euler_step(x, t, t_next, apply(p, x, _times(x, t), y))
+      x = S.euler_step(x, t, t_next, apply_of(apply, phase.index)(p, x, _times(x, t), y))
   return sg(x)
 
 
@@ -61,4 +68,4 @@ def phase_steps(phase: methods.Phase, apply, params, x, y, key):
 def phase_sample(plan: methods.PhasePlan, k: int, apply, experts, active_params, z, y, key):
   """x_s = pipeline_k(z): frozen experts 0..k-1 then expert k (with ``active_params``)."""
   x = frozen_prefix(plan, k, apply, experts, z, y)
-  return phase_steps(plan.phases[k], apply, active_params, x, y, key)
+  return phase_steps(plan.phases[k], apply_of(apply, k), active_params, x, y, key)

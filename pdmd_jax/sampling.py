@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdmd_jax import methods
+from pdmd_jax import rollout
 from pdmd_jax import schedule as S
 from pdmd_jax import teachers
 
@@ -22,7 +23,8 @@ def few_step_sample(plan: methods.PhasePlan, apply, experts, z, y):
   x, traj = z, [z]
   route = plan.expert_of_step()
   for i, (t, t_next) in enumerate(zip(plan.grid[:-1], plan.grid[1:])):
-    v = apply(experts[route[i]], x, jnp.full((x.shape[0],), t, jnp.float32), y)
+    t_vec = jnp.full((x.shape[0],), t, jnp.float32)
+    v = rollout.apply_of(apply, route[i])(experts[route[i]], x, t_vec, y)
     x = S.euler_step(x, t, t_next, v)
     traj.append(x)
   return traj

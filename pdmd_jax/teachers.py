@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from pdmd_jax import schedule as S
 from pdmd_jax.data import gmm as gmm_lib
 
-TEACHERS = ("gmm",)
+TEACHERS = ("gmm", "dit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +78,8 @@ def gmm_teacher(sched: S.Schedule, num_classes: int, guidance_scale: float = 1.0
   """Exact mixture teacher; its params are the GaussianMixture pytree."""
   return Teacher(apply=lambda p, x, t, y: gmm_velocity(sched, p, x, t, y),
                  null_class=num_classes, guidance_scale=guidance_scale)
+
+
+def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0) -> Teacher:
+  """A trained velocity network (e.g. the shipped DiT); its params travel as the argument."""
+  return Teacher(apply=apply, null_class=num_classes, guidance_scale=guidance_scale)

@@ -50,16 +50,20 @@ def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
   return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
-def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx) -> TrainState:
-  """Every expert and fake score starts as a copy of ``init_params`` (the teacher fit).
+def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx,
+                 expert_init=None) -> TrainState:
+  """Every fake score starts as a copy of ``init_params`` (the teacher or its fit); every
+  expert as a copy of ``expert_init`` (default ``init_params``: full-copy experts; a LoRA tree
+  with B = 0 for LoRA experts on the frozen teacher).
 
   rng: the run's base key (uint32[2]) or an int seed.
   """
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
-  copy = lambda: jax.tree.map(jnp.array, init_params)
-  experts = tuple(copy() for _ in range(num_phases))
-  fakes = tuple(copy() for _ in range(num_phases))
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  experts = tuple(copy(init_params if expert_init is None else expert_init)
+                  for _ in range(num_phases))
+  fakes = tuple(copy(init_params) for _ in range(num_phases))
   return TrainState(step=jnp.zeros((), jnp.int32), rng=rng,
                     experts=experts, expert_opt=tuple(gen_tx.init(p) for p in experts),
                     fakes=fakes, fake_opt=tuple(fake_tx.init(p) for p in fakes))
@@ -69,7 +73,7 @@ def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx) -> TrainSta
 class StepConfig:
   """The static side of a step: plan, networks, schedule and loss options."""
   plan: methods.PhasePlan
-  apply: Any                      # apply(params, x, t, y) of the experts and fake scores
+  apply: Any                      # apply(params, x, t, y) of the fake scores (and full-copy experts)
   teacher: teachers.Teacher
   sched: S.Schedule
   dim: tuple[int, ...]            # sample shape without the batch axis
@@ -80,6 +84,12 @@ class StepConfig:
   fake_target: str = "eq13"
   clamp_final_phase: bool = False  # Eq. 13 clamp when s = 0 (see losses.fake_target)
   norm_floor: float = 1e-4
+  # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
+  # LoRA experts read their frozen backbone from the teacher's parameters this way.
+  expert_apply: Any = None
+
+  def experts_apply(self, teacher_params):
+    return self.apply if self.expert_apply is None else self.expert_apply(teacher_params)
 
 
 def _keys(key):
@@ -101,12 +111,11 @@ def _fake_target_kind(cfg: StepConfig, phase: methods.Phase) -> str:
 
 def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key):
   """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13)."""
-  del teacher_params
   phase = cfg.plan.phases[k]
   keys = _keys(key)
   z = jax.random.normal(keys["z"], (y.shape[0],) + cfg.dim)
-  x_s, _ = rollout.phase_sample(cfg.plan, k, cfg.apply, state.experts, state.experts[k],
-                                z, y, keys["stop"])
+  x_s, _ = rollout.phase_sample(cfg.plan, k, cfg.experts_apply(teacher_params), state.experts,
+                                state.experts[k], z, y, keys["stop"])
   x_s = sg(x_s)
   t, eps, x_t = _renoise(cfg, phase, x_s, keys)
   weight, scale, target = losses.fake_target(cfg.sched, x_s, phase.boundary, t, eps,
@@ -130,7 +139,8 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   fake = sg(state.fakes[k])
 
   def loss_fn(p):
-    x_s, stop = rollout.phase_sample(cfg.plan, k, cfg.apply, state.experts, p, z, y, keys["stop"])
+    x_s, stop = rollout.phase_sample(cfg.plan, k, cfg.experts_apply(teacher_params),
+                                     state.experts, p, z, y, keys["stop"])
     t, _, x_t = _renoise(cfg, phase, x_s, keys)
     v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
     v_f = sg(cfg.apply(fake, x_t, t, y))

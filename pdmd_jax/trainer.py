@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -44,14 +45,22 @@ from pdmd_jax.evaluation import gmm_metrics
 
 @dataclasses.dataclass
 class Run:
-  """Everything static about a run: plan, teacher, networks, mesh, shardings, step config."""
+  """Everything static about a run: plan, teacher, networks, mesh, shardings, step config.
+
+  kind: "gmm" (exact mixture teacher, MLP experts) or "image" (a network teacher, e.g. the
+  shipped MNIST DiT, with LoRA or full-copy experts).
+  """
   config: Any
+  kind: str
   plan: methods.PhasePlan
   sched: S.Schedule
-  gmm: gmm_lib.GaussianMixture
   teacher: teachers.Teacher
+  teacher_params: Any
   net: models.Functional
-  init_params: Any
+  init_params: Any                 # fake scores (and full-copy experts) start here
+  expert_init: Any                 # None (full copies of init_params) or the LoRA tree
+  sample_shape: tuple[int, ...]
+  num_classes: int
   mesh: jax.sharding.Mesh
   step_cfg: ts.StepConfig
   state_sharding: Any
@@ -59,6 +68,7 @@ class Run:
   batch_sharding: Any
   data_key: jax.Array
   rng: jax.Array
+  gmm: gmm_lib.GaussianMixture | None = None
   labels_fn: Any = None
 
   @property
@@ -70,13 +80,52 @@ class Run:
       return step % self.plan.num_phases
     return min(step // self.steps_per_phase, self.plan.num_phases - 1)
 
+  def experts_apply(self):
+    """Apply function(s) of the generator experts (LoRA experts read the teacher's backbone)."""
+    return self.step_cfg.experts_apply(self.teacher_params)
+
+  def sample_labels(self, key, shape):
+    if self.kind == "gmm":
+      return gmm_lib.sample_labels(key, self.gmm, self.num_classes, shape)
+    return jax.random.randint(key, shape, 0, self.num_classes)
+
 
 def build(config, workdir: str | None = None, devices=None) -> Run:
-  """Validates ``config`` and builds the run (fits the init MLP, or loads the cached fit)."""
+  """Validates ``config`` and builds the run (teacher, networks, mesh, shardings)."""
   plan = config_lib.validate(config)
   devices = list(devices if devices is not None else jax.devices())
   mesh = sh.make_mesh(*config_lib.mesh_shape(config, len(devices)), devices=devices)
   sched = S.get_schedule(config.schedule)
+  if config.teacher.type == "gmm":
+    parts = _gmm_parts(config, workdir, sched)
+  else:
+    parts = _network_parts(config)
+  g, f = config.generator, config.fake
+  gen_tx = ts.make_optimizer(g.lr, g.b1, g.b2, g.weight_decay, g.grad_clip)
+  fake_tx = ts.make_optimizer(f.lr, f.b1, f.b2, f.weight_decay, f.grad_clip)
+  step_cfg = ts.StepConfig(plan=plan, apply=parts["net"].apply, teacher=parts["teacher"],
+                           sched=sched, dim=parts["sample_shape"], gen_tx=gen_tx, fake_tx=fake_tx,
+                           ttur=f.ttur, weighting=g.weighting, fake_target=f.target,
+                           clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
+                           expert_apply=parts.get("expert_apply"))
+  rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract = jax.eval_shape(lambda: ts.create_state(rng, parts["init_params"], plan.num_phases,
+                                                    gen_tx, fake_tx, parts.get("expert_init")))
+  state_sharding = sh.tree_shardings(mesh, abstract)
+  teacher_sharding = (sh.replicated(mesh, parts["teacher_params"]) if parts["kind"] == "gmm"
+                      else sh.tree_shardings(mesh, parts["teacher_params"]))
+  ndim = 2
+  return Run(config=config, kind=parts["kind"], plan=plan, sched=sched, teacher=parts["teacher"],
+             teacher_params=parts["teacher_params"], net=parts["net"],
+             init_params=parts["init_params"], expert_init=parts.get("expert_init"),
+             sample_shape=parts["sample_shape"], num_classes=parts["num_classes"], mesh=mesh,
+             step_cfg=step_cfg, state_sharding=state_sharding, teacher_sharding=teacher_sharding,
+             batch_sharding={"y": sh.batch_sharding(mesh, batch_axis=1, ndim=ndim)},
+             data_key=data_key, rng=rng, gmm=parts.get("gmm"))
+
+
+def _gmm_parts(config, workdir, sched) -> dict:
+  """Exact mixture teacher; experts and fakes start from an MLP fit to its velocity."""
   t = config.teacher
   gmm = gmm_lib.make(t.dataset, dim=t.dim, num_modes=t.num_modes, num_classes=t.num_classes,
                      radius=t.radius, std=t.std, seed=t.seed)
@@ -85,47 +134,41 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   net, params = models.build(m.name, dim=t.dim, num_classes=t.num_classes, width=m.width,
                              depth=m.depth, time_dim=m.time_dim, seed=config.seed)
   params = _teacher_fit(config, workdir, net, params, teacher, gmm, sched)
-  g, f = config.generator, config.fake
-  gen_tx = ts.make_optimizer(g.lr, g.b1, g.b2, g.weight_decay, g.grad_clip)
-  fake_tx = ts.make_optimizer(f.lr, f.b1, f.b2, f.weight_decay, f.grad_clip)
-  step_cfg = ts.StepConfig(plan=plan, apply=net.apply, teacher=teacher, sched=sched,
-                           dim=(t.dim,), gen_tx=gen_tx, fake_tx=fake_tx, ttur=f.ttur,
-                           weighting=g.weighting, fake_target=f.target,
-                           clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor)
-  rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract = jax.eval_shape(lambda: ts.create_state(rng, params, plan.num_phases, gen_tx, fake_tx))
-  state_sharding = sh.tree_shardings(mesh, abstract)
-  return Run(config=config, plan=plan, sched=sched, gmm=gmm, teacher=teacher, net=net,
-             init_params=params, mesh=mesh, step_cfg=step_cfg, state_sharding=state_sharding,
-             teacher_sharding=sh.replicated(mesh, gmm),
-             batch_sharding={"y": sh.batch_sharding(mesh, batch_axis=1, ndim=2)},
-             data_key=data_key, rng=rng)
+  return {"kind": "gmm", "teacher": teacher, "teacher_params": gmm, "gmm": gmm, "net": net,
+          "init_params": params, "sample_shape": (t.dim,), "num_classes": t.num_classes}
 
 
-def _teacher_fit(config, workdir, net, params, teacher, gmm, sched):
-  """The MLP fit to the exact teacher velocity, cached in ``<workdir>/teacher_fit``."""
-  path = os.path.join(os.path.abspath(workdir), "teacher_fit") if workdir else None
-  if path and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-    return ocp.StandardCheckpointer().restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
-  f = config.init_fit
-  t0 = time.time()
-  params, mse = experts_lib.fit_to_gmm_teacher(
-      net.apply, params, teacher, gmm, sched, num_classes=config.teacher.num_classes,
-      steps=f.steps, batch_size=f.batch_size, lr=f.lr, seed=config.seed, p_uncond=f.p_uncond,
-      shift=config.shift)
-  logging.info("teacher fit: mse %.3g in %.1fs", mse, time.time() - t0)
-  print(f"Fitted the MLP to the exact teacher velocity: mse {mse:.3g} ({time.time() - t0:.1f}s)")
-  if path:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, params)
-    ckptr.wait_until_finished()
-  return params
+def _network_parts(config) -> dict:
+  """A trained DiT teacher; fakes are full copies of it, experts LoRA on it (or full copies)."""
+  from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  t, g = config.teacher, config.generator
+  dit_cfg, net, params, _ = teacher_training.load_teacher(t.path or None)
+  if config.model.remat or config.model.scan_layers:
+    raise ValueError("model.remat/model.scan_layers: the shipped teacher is unscanned; set both "
+                     "False for it")
+  teacher = teachers.network_teacher(net.apply, dit_cfg.num_classes, t.guidance_scale)
+  parts = {"kind": "image", "teacher": teacher, "teacher_params": params, "net": net,
+           "init_params": params, "sample_shape": dit_cfg.sample_shape,
+           "num_classes": dit_cfg.num_classes}
+  if g.lora_rank > 0:
+    spec = lora_lib.LoraSpec(((g.lora_targets, g.lora_rank, g.lora_alpha),))
+    parts["expert_init"] = lora_lib.init(spec, params, jax.random.PRNGKey(config.seed + 7))
+    parts["expert_apply"] = functools.partial(_lora_apply, net.apply, spec)
+  return parts
+
+
+def _lora_apply(apply, spec, teacher_params):
+  """Every expert: the frozen teacher backbone with its own LoRA merged in."""
+  from pdmd_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+  backbone = jax.lax.stop_gradient(teacher_params)
+  return lambda lora, x, t, y: apply(lora_lib.merge(spec, backbone, lora), x, t, y)
 
 
 def initial_state(run: Run) -> ts.TrainState:
-  make = lambda p: ts.create_state(run.rng, p, run.plan.num_phases, run.step_cfg.gen_tx,
-                                   run.step_cfg.fake_tx)
-  return jax.jit(make, out_shardings=run.state_sharding)(run.init_params)
+  make = lambda p, e: ts.create_state(run.rng, p, run.plan.num_phases, run.step_cfg.gen_tx,
+                                      run.step_cfg.fake_tx, e)
+  return jax.jit(make, out_shardings=run.state_sharding)(run.init_params, run.expert_init)
 
 
 def batch_for_step(run: Run, step: int):
@@ -136,8 +179,7 @@ def batch_for_step(run: Run, step: int):
 def _labels(run: Run):
   if run.labels_fn is None:
     shape = (run.config.fake.ttur + 1, run.config.train.batch_size)
-    fn = lambda step: {"y": gmm_lib.sample_labels(jax.random.fold_in(run.data_key, step), run.gmm,
-                                                  run.config.teacher.num_classes, shape)}
+    fn = lambda step: {"y": run.sample_labels(jax.random.fold_in(run.data_key, step), shape)}
     run.labels_fn = jax.jit(fn, out_shardings=run.batch_sharding)
   return run.labels_fn
 
@@ -149,7 +191,7 @@ def compile_phase_steps(run: Run, state) -> tuple[dict, dict]:
   for k in range(run.plan.num_phases):
     fn = ts.jit_phase_step(run.step_cfg, k, run.state_sharding, run.teacher_sharding,
                            run.batch_sharding)
-    compiled[k] = fn.lower(state, run.gmm, batch).compile()
+    compiled[k] = fn.lower(state, run.teacher_params, batch).compile()
     memory[k] = _memory(compiled[k])
   return compiled, memory
 
@@ -209,7 +251,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
                         desc=f"phase {k + 1}/{run.plan.num_phases}" if run.plan.order == "progressive"
                         else "interleaved phases", dynamic_ncols=True)
       t0 = time.perf_counter()
-      state, metrics = compiled[k](state, run.gmm, batch_for_step(run, step))
+      state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step))
       pending.append((step, metrics))
       _drain(pending, writer, config.train.log_every, leave=1)   # read one step late
       times.append(time.perf_counter() - t0)
@@ -266,6 +308,17 @@ def _writer(workdir):
 # ============================================================================================
 
 def evaluate(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = True) -> dict:
+  """Metrics, plots and tables of the distilled sampler at ``state`` (written to ``workdir``)."""
+  if run.kind == "gmm":
+    return _evaluate_gmm(run, state, workdir, tag=tag, verbose=verbose)
+  from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
+  out = image_eval.evaluate(run, state, workdir, tag=tag, verbose=verbose)
+  if workdir:
+    _write_json(os.path.join(workdir, f"eval_{tag}.json"), out)
+  return out
+
+
+def _evaluate_gmm(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = True) -> dict:
   """Few-step samples vs exact data and vs the many-step teacher; boundary marginals; plots."""
   c = run.config
   n = c.eval.num_samples
@@ -273,8 +326,8 @@ def evaluate(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = 
   k_y, k_z, k_x = jax.random.split(key, 3)
   y = gmm_lib.sample_labels(k_y, run.gmm, c.teacher.num_classes, (n,))
   z = jax.random.normal(k_z, (n, c.teacher.dim))
-  student = jax.jit(lambda e, z, y: sampling.few_step_sample(run.plan, run.net.apply, e, z, y))(
-      state.experts, z, y)
+  student = jax.jit(lambda e, z, y: sampling.few_step_sample(run.plan, run.experts_apply(), e, z,
+                                                             y))(state.experts, z, y)
   teacher = jax.jit(lambda p, z, y: sampling.teacher_sample(
       run.teacher, p, run.plan, z, y, substeps=c.eval.teacher_substeps, shift_value=c.shift))(
           run.gmm, z, y)
@@ -377,10 +430,10 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   run, state = restore_latest(config, workdir)
   n = config.eval.num_samples
   k_y, k_z = jax.random.split(jax.random.PRNGKey(config.eval.seed))
-  y = gmm_lib.sample_labels(k_y, run.gmm, config.teacher.num_classes, (n,))
-  z = jax.random.normal(k_z, (n, config.teacher.dim))
-  traj = jax.jit(lambda e, z, y: sampling.few_step_sample(run.plan, run.net.apply, e, z, y))(
-      state.experts, z, y)
+  y = run.sample_labels(k_y, (n,))
+  z = jax.random.normal(k_z, (n,) + run.sample_shape)
+  traj = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
+      run.plan, run.step_cfg.experts_apply(tp), e, z, y))(state.experts, run.teacher_params, z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
   np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(y),
            trajectory=np.stack([np.asarray(x) for x in traj]), grid=np.asarray(run.plan.grid),

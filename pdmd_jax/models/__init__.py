@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 from flax import nnx
 
+from pdmd_jax.models import dit as dit_lib
 from pdmd_jax.models.mlp import VelocityMLP
 
-MODELS = ("mlp",)
+MODELS = ("mlp", "dit")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -34,3 +36,36 @@ def build(name: str, *, dim: int, num_classes: int, width: int, depth: int, time
                        rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(module, nnx.Param)
   return Functional(graphdef), state.to_pure_dict()
+
+
+def build_module(module: nnx.Module):
+  """(Functional, params pure dict) of an NNX module (parameters only; no other state)."""
+  graphdef, state = nnx.split(module, nnx.Param)
+  return Functional(graphdef), state.to_pure_dict()
+
+
+def build_dit(cfg: "dit_lib.DiTConfig", seed: int = 0):
+  """(Functional, params) of a freshly initialised DiT."""
+  return build_module(dit_lib.DiT(cfg, rngs=nnx.Rngs(seed)))
+
+
+def abstract_dit(cfg: "dit_lib.DiTConfig"):
+  """(Functional, ShapeDtypeStruct params) without allocating (jax.eval_shape)."""
+  out = {}
+
+  def make():
+    f, p = build_dit(cfg)
+    out["f"] = f
+    return p
+  params = jax.eval_shape(make)
+  return out["f"], params
+
+
+def logical_axes(module_or_cfg) -> dict:
+  """Logical axis names of every parameter (a pure dict of tuples), from the modules' metadata."""
+  module = module_or_cfg
+  if isinstance(module_or_cfg, dit_lib.DiTConfig):
+    module = nnx.eval_shape(lambda: dit_lib.DiT(module_or_cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(module, nnx.Param)
+  return jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim),
+                      state, is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()

