@@ -81,6 +81,11 @@ def get_config(arg=None):
   c.train.ckpt_every = 4 if a.runlocal else 100
   c.train.max_to_keep = 2
 
+  c.health = ml_collections.ConfigDict()   # in-loop health (pdmd_jax/health.py)
+  c.health.every = 2 if a.runlocal else 50  # generator updates between checks; 0 = off
+  c.health.seeds = 2 if a.runlocal else 4   # noises per class
+  c.health.min_fraction = 0.0               # stop early below this fraction of the teacher's diversity
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1

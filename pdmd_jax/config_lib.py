@@ -84,6 +84,11 @@ def validate(config) -> methods.PhasePlan:
   for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.ckpt_every",
             "train.max_to_keep", "eval.num_samples", "eval.teacher_substeps"):
     _positive(config, f, integer=True)
+  if "health" in config:
+    _positive(config, "health.every", integer=True, minimum=0)
+    _positive(config, "health.seeds", integer=True, minimum=2)
+    if not 0.0 <= config.health.min_fraction < 1.0:
+      _fail("health.min_fraction", config.health.min_fraction, "a number in [0, 1); 0 = never stop")
   if t.type == "gmm":
     _validate_gmm(config)
   else:

@@ -99,6 +99,15 @@ def evaluate_teacher(apply, params, cfg, ev) -> dict:
   return {k: float(v) for k, v in image_metrics.image_report(x, labels).items()}, x
 
 
+CHECK = {"num_samples": 100, "steps": 8, "shift": 3.0, "guidance_scale": 3.0, "seed": 7}
+
+
+def check_metrics(apply, params, cfg) -> dict:
+  """A cheap, fixed evaluation recorded in the card, so a test can verify a loaded teacher."""
+  ev = type("Eval", (), CHECK)
+  return evaluate_teacher(apply, params, cfg, ev)[0]
+
+
 def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
   from pdmd_jax.data import mnist  # pylint: disable=import-outside-toplevel
@@ -169,6 +178,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   assets.save(config.out_dir, ema, card)          # the weights first: evaluation may be rerun
   report, x = evaluate_teacher(net.apply, ema, cfg, config.eval)
   card["metrics"] = report
+  card["check"] = {**CHECK, "metrics": check_metrics(net.apply, ema, cfg)}
   assets.save(config.out_dir, ema, card)
   from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
   per_class = x[:10 * 8].reshape(8, 10, *x.shape[1:]).swapaxes(0, 1).reshape(80, *x.shape[1:])

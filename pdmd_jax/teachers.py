@@ -32,11 +32,17 @@ class Teacher:
   apply: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
   null_class: int
   guidance_scale: float = 1.0
+  # y -> the unconditional branch's conditioning; None: the null class label. Text-conditioned
+  # teachers pass e.g. the negative-prompt embedding here.
+  null_cond: Callable[[Any], Any] | None = None
+
+  def unconditional(self, y):
+    return jnp.full_like(y, self.null_class) if self.null_cond is None else self.null_cond(y)
 
   def velocity(self, params, x_t, t, y):
     v_c = self.apply(params, x_t, t, y)
     if self.guidance_scale != 1.0:
-      v_u = self.apply(params, x_t, t, jnp.full_like(y, self.null_class))
+      v_u = self.apply(params, x_t, t, self.unconditional(y))
       v_c = v_u + self.guidance_scale * (v_c - v_u)
     return jax.lax.stop_gradient(v_c)
 

@@ -113,7 +113,7 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
   """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13)."""
   phase = cfg.plan.phases[k]
   keys = _keys(key)
-  z = jax.random.normal(keys["z"], (y.shape[0],) + cfg.dim)
+  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.dim)
   x_s, _ = rollout.phase_sample(cfg.plan, k, cfg.experts_apply(teacher_params), state.experts,
                                 state.experts[k], z, y, keys["stop"])
   x_s = sg(x_s)
@@ -135,7 +135,7 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   """One update of expert k with the phase-k DMD gradient (Eq. 10), teacher and fake frozen."""
   phase = cfg.plan.phases[k]
   keys = _keys(key)
-  z = jax.random.normal(keys["z"], (y.shape[0],) + cfg.dim)
+  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.dim)
   fake = sg(state.fakes[k])
 
   def loss_fn(p):
@@ -161,19 +161,20 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
 def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch):
   """TTUR: ``cfg.ttur`` fake updates, then one generator update; step += 1.
 
-  batch["y"]: int labels [ttur + 1, B]; row i conditions fake update i, the last row the
+  batch["y"]: conditioning with leading axes [ttur + 1, B] (int labels, or a pytree such as
+  text embeddings); row i conditions fake update i, the last row the
   generator update.
   """
   base = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), k)
 
   def body(i, carry):
     st, acc = carry
-    st, m = fake_step(cfg, k, st, teacher_params, batch["y"][i], jax.random.fold_in(base, i))
+    st, m = fake_step(cfg, k, st, teacher_params, _row(batch["y"], i), jax.random.fold_in(base, i))
     return st, jax.tree.map(lambda a, b: a + b / cfg.ttur, acc, m)
 
   zeros = {"fake_loss": jnp.zeros(()), "fake_grad_norm": jnp.zeros(())}
   state, fake_metrics = jax.lax.fori_loop(0, cfg.ttur, body, (state, zeros))
-  state, gen_metrics = generator_step(cfg, k, state, teacher_params, batch["y"][cfg.ttur],
+  state, gen_metrics = generator_step(cfg, k, state, teacher_params, _row(batch["y"], cfg.ttur),
                                       jax.random.fold_in(base, cfg.ttur))
   metrics = {**fake_metrics, **gen_metrics}
   metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in
@@ -190,6 +191,14 @@ def jit_phase_step(cfg: StepConfig, k: int, state_sharding=None, teacher_shardin
     return jax.jit(fn, donate_argnums=(0,))
   return jax.jit(fn, in_shardings=(state_sharding, teacher_sharding, batch_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=(0,))
+
+
+def _row(y, i):
+  return jax.tree.map(lambda a: a[i], y)
+
+
+def _batch_size(y) -> int:
+  return jax.tree.leaves(y)[0].shape[0]
 
 
 def _set(tup, k, value):

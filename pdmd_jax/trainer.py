@@ -69,6 +69,7 @@ class Run:
   data_key: jax.Array
   rng: jax.Array
   gmm: gmm_lib.GaussianMixture | None = None
+  cond_fn: Any = None              # (key, shape) -> conditioning pytree; None: class labels
   labels_fn: Any = None
 
   @property
@@ -85,6 +86,9 @@ class Run:
     return self.step_cfg.experts_apply(self.teacher_params)
 
   def sample_labels(self, key, shape):
+    """Conditioning for ``shape`` samples: class labels, or the task's pytree (text embeddings)."""
+    if self.cond_fn is not None:
+      return self.cond_fn(key, shape)
     if self.kind == "gmm":
       return gmm_lib.sample_labels(key, self.gmm, self.num_classes, shape)
     return jax.random.randint(key, shape, 0, self.num_classes)
@@ -98,6 +102,9 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   sched = S.get_schedule(config.schedule)
   if config.teacher.type == "gmm":
     parts = _gmm_parts(config, workdir, sched)
+  elif config.teacher.type == "wan":
+    from pdmd_jax import wan_task  # pylint: disable=import-outside-toplevel
+    parts = wan_task.parts(config, sched)
   else:
     parts = _network_parts(config)
   g, f = config.generator, config.fake
@@ -114,14 +121,18 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   state_sharding = sh.tree_shardings(mesh, abstract)
   teacher_sharding = (sh.replicated(mesh, parts["teacher_params"]) if parts["kind"] == "gmm"
                       else sh.tree_shardings(mesh, parts["teacher_params"]))
-  ndim = 2
-  return Run(config=config, kind=parts["kind"], plan=plan, sched=sched, teacher=parts["teacher"],
-             teacher_params=parts["teacher_params"], net=parts["net"],
-             init_params=parts["init_params"], expert_init=parts.get("expert_init"),
-             sample_shape=parts["sample_shape"], num_classes=parts["num_classes"], mesh=mesh,
-             step_cfg=step_cfg, state_sharding=state_sharding, teacher_sharding=teacher_sharding,
-             batch_sharding={"y": sh.batch_sharding(mesh, batch_axis=1, ndim=ndim)},
-             data_key=data_key, rng=rng, gmm=parts.get("gmm"))
+  run = Run(config=config, kind=parts["kind"], plan=plan, sched=sched, teacher=parts["teacher"],
+            teacher_params=parts["teacher_params"], net=parts["net"],
+            init_params=parts["init_params"], expert_init=parts.get("expert_init"),
+            sample_shape=parts["sample_shape"], num_classes=parts["num_classes"], mesh=mesh,
+            step_cfg=step_cfg, state_sharding=state_sharding, teacher_sharding=teacher_sharding,
+            batch_sharding=None, data_key=data_key, rng=rng, gmm=parts.get("gmm"),
+            cond_fn=parts.get("cond_fn"))
+  shape = (config.fake.ttur + 1, config.train.batch_size)
+  abstract_y = jax.eval_shape(lambda: run.sample_labels(jax.random.PRNGKey(0), shape))
+  run.batch_sharding = {"y": jax.tree.map(
+      lambda a: sh.batch_sharding(mesh, batch_axis=1, ndim=a.ndim), abstract_y)}
+  return run
 
 
 def _gmm_parts(config, workdir, sched) -> dict:
@@ -239,6 +250,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   times: list[float] = []
   bar = None
   results = {}
+  h = config.get("health", {})
+  monitor = None
+  if h and h.get("every", 0):
+    from pdmd_jax import health  # pylint: disable=import-outside-toplevel
+    monitor = health.HealthMonitor(run, seeds=h.seeds, min_fraction=h.min_fraction)
+  stopped_early = ""
   try:
     while step < end:
       k = run.phase_of(step)
@@ -261,6 +278,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       if step % config.train.ckpt_every == 0 or phase_end or step == end:
         _drain(pending, writer, config.train.log_every)   # never save after a non-finite step
         ckpt.save(state, config.to_dict(), {"phase": k})
+      if monitor is not None and (step % h.every == 0 or step == end):
+        report = monitor(state)
+        for name, value in report.items():
+          if name != "collapsed":
+            writer.add_scalar(f"health/{name}", value, step)
+        bar.set_postfix(diversity=f"{report['diversity_vs_teacher']:.2f}")
+        if report["collapsed"]:
+          _drain(pending, writer, config.train.log_every)
+          ckpt.save(state, config.to_dict(), {"phase": k})
+          stopped_early = report["collapsed"]
+          say(f"Stopped early at step {step}: collapse against the teacher ({stopped_early}).")
+          break
       if phase_end and evaluate_phases and step < total:
         results[f"phase_{k + 1}"] = evaluate(run, state, workdir, tag=f"phase{k + 1}", verbose=False)
     _drain(pending, writer, config.train.log_every)
@@ -269,6 +298,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       bar.close()
     ckpt.close()
     writer.close()
+  if stopped_early:
+    return {"stopped_at_step": step, "stopped_early": stopped_early}
   if step < total or not final_eval:
     return {"stopped_at_step": step}
   final = evaluate(run, state, workdir, tag="final", verbose=verbose)

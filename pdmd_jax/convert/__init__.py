@@ -1,0 +1,1 @@
+"""Weight conversion between public checkpoints (diffusers/PEFT) and pdmd_jax param trees."""

@@ -1,0 +1,73 @@
+"""In-loop health of a distillation run: cross-seed diversity, motion and saturation.
+
+Every ``health.every`` generator updates the current few-step sampler draws a fixed small
+set (every class x ``health.seeds`` noises) and reports, relative to the teacher's many-step
+samples from the same noise (computed once):
+- diversity: mean same-class pairwise L2 distance between seeds (the collapse DMD is known
+  for shows up here first), as a fraction of the teacher's;
+- saturation: fraction of values outside [-1, 1] (image/video data);
+- motion (videos): mean optical-flow magnitude as a fraction of the teacher's.
+With ``health.min_fraction`` > 0 the run stops early (after a checkpoint) once diversity or
+motion falls below that fraction of the teacher's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pdmd_jax import sampling
+
+
+def _diversity(x: np.ndarray, labels: np.ndarray) -> float:
+  out = []
+  for c in np.unique(labels):
+    f = x[labels == c].reshape(int(np.sum(labels == c)), -1)
+    if len(f) > 1:
+      d = np.sqrt(np.maximum(np.sum((f[:, None] - f[None]) ** 2, -1), 0.0))
+      out.append(d.sum() / (len(f) * (len(f) - 1)))
+  return float(np.mean(out))
+
+
+class HealthMonitor:
+  """Call with the train state; returns a dict of host floats (and ``collapsed``: a reason or "")."""
+
+  def __init__(self, run, *, seeds: int = 4, min_fraction: float = 0.0, seed: int = 4321):
+    self.run = run
+    self.min_fraction = min_fraction
+    self.video = len(run.sample_shape) == 4
+    self.image = len(run.sample_shape) >= 3
+    self.labels = np.tile(np.arange(run.num_classes), seeds).astype(np.int32)
+    self.z = jax.random.normal(jax.random.PRNGKey(seed), (len(self.labels),) + run.sample_shape)
+    self._student = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
+        run.plan, run.step_cfg.experts_apply(tp), e, z, y)[-1])
+    c = run.config
+    teacher = jax.jit(lambda tp, z, y: sampling.teacher_sample(
+        run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
+        shift_value=c.shift)[-1])
+    self.reference = self._stats(np.asarray(teacher(run.teacher_params, self.z,
+                                                    jnp.asarray(self.labels))))
+
+  def _stats(self, x) -> dict:
+    out = {"diversity": _diversity(x, self.labels)}
+    if self.image:
+      out["saturation"] = float(np.mean(np.abs(x) > 1.0))
+    if self.video:
+      from pdmd_jax.evaluation import motion_metrics  # pylint: disable=import-outside-toplevel
+      out["motion"] = float(motion_metrics.motion_report(np.clip(x, -1, 1))["mean_flow"])
+    return out
+
+  def __call__(self, state) -> dict:
+    x = np.asarray(self._student(state.experts, self.run.teacher_params, self.z,
+                                 jnp.asarray(self.labels)))
+    s = self._stats(x)
+    out = dict(s)
+    out["diversity_vs_teacher"] = s["diversity"] / max(self.reference["diversity"], 1e-12)
+    if self.video:
+      out["motion_vs_teacher"] = s["motion"] / max(self.reference["motion"], 1e-12)
+    reasons = [f"{k}={out[k]:.3f} < {self.min_fraction}" for k in
+               ("diversity_vs_teacher", "motion_vs_teacher")
+               if self.min_fraction > 0 and k in out and out[k] < self.min_fraction]
+    out["collapsed"] = "; ".join(reasons)
+    return out

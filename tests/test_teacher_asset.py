@@ -1,0 +1,41 @@
+"""The shipped MNIST teacher: loads, matches its card, and reproduces its recorded metrics."""
+
+import os
+
+import numpy as np
+import pytest
+
+from pdmd_jax import assets
+from pdmd_jax import teacher_training
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(assets.path("mnist_teacher"), "card.json")),
+    reason="the shipped teacher asset is missing")
+
+
+def test_teacher_loads_and_reproduces_its_check_metrics():
+  cfg, net, params, card = teacher_training.load_teacher()
+  assert sum(p.size for p in __import__("jax").tree.leaves(params)) == card["num_params"]
+  got = teacher_training.check_metrics(net.apply, params, cfg)
+  want = card["check"]["metrics"]
+  assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.02)
+  for k in ("fd_real", "feature_cosine", "pixel_l2"):
+    assert got[k] == pytest.approx(want[k], rel=0.02), k
+
+
+def test_teacher_card_meets_the_bar():
+  card = assets.load_card(assets.path("mnist_teacher"))
+  assert card["metrics"]["accuracy"] >= 0.90          # class accuracy of its guided samples
+  assert card["eval"]["guidance_scale"] == 3.0        # the CFG used for distillation
+
+
+def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="mnist_teacher.py"):
+    teacher_training.load_teacher(str(tmp_path))
+  cfg, _, params, card = teacher_training.load_teacher()
+  bad = dict(params)
+  bad.pop("embed")
+  assets.save(str(tmp_path), bad, card)
+  with pytest.raises(ValueError, match="missing embed.kernel"):
+    teacher_training.load_teacher(str(tmp_path))
+  del cfg, np
