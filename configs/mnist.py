@@ -76,7 +76,7 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8 if a.runlocal else 32
-  c.train.num_steps = 4 if a.runlocal else 400    # generator updates over all phases
+  c.train.num_steps = 4 if a.runlocal else 300    # generator updates over all phases
   c.train.log_every = 2 if a.runlocal else 20
   c.train.ckpt_every = 4 if a.runlocal else 100
   c.train.max_to_keep = 2

@@ -6,7 +6,7 @@ runs share the evaluation noise and labels (eval.seed), so the teacher's many-st
 the same image set for every row. Writes ``docs/results/mnist.md`` (mean ± std over seeds),
 ``mnist.json`` (every run) and the seed-0 sample grids (rows = classes, columns = seeds).
 
-  python experiments/mnist_compare.py --seeds=0,1,2 --steps=400
+  python experiments/mnist_compare.py --seeds=0,1,2 --steps=300
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (LoRA init, noise, t, labels).")
-_STEPS = flags.DEFINE_integer("steps", 400, "Generator updates per run (all methods).")
+_STEPS = flags.DEFINE_integer("steps", 300, "Generator updates per run (all methods).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_mnist_compare", "Scratch workdirs.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these row ids (phased_sgts, phased, sgts, dmd, "

@@ -5,7 +5,7 @@ set (every class x ``health.seeds`` noises) and reports, relative to the teacher
 samples from the same noise (computed once):
 - diversity: mean same-class pairwise L2 distance between seeds (the collapse DMD is known
   for shows up here first), as a fraction of the teacher's;
-- saturation: fraction of values outside [-1, 1] (image/video data);
+- saturation: fraction of values beyond [-1.1, 1.1] (image/video data);
 - motion (videos): mean optical-flow magnitude as a fraction of the teacher's.
 With ``health.min_fraction`` > 0 the run stops early (after a checkpoint) once diversity or
 motion falls below that fraction of the teacher's.
@@ -52,7 +52,8 @@ class HealthMonitor:
   def _stats(self, x) -> dict:
     out = {"diversity": _diversity(x, self.labels)}
     if self.image:
-      out["saturation"] = float(np.mean(np.abs(x) > 1.0))
+      from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+      out["saturation"] = image_metrics.saturation(x)
     if self.video:
       from pdmd_jax.evaluation import motion_metrics  # pylint: disable=import-outside-toplevel
       out["motion"] = float(motion_metrics.motion_report(np.clip(x, -1, 1))["mean_flow"])
