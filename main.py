@@ -3,15 +3,18 @@
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm            # train (resumes)
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=sample
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=eval
+  python main.py --distributed ...     # multi-host: jax.distributed.initialize() first
 """
 
 import os
+import sys
 
 import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from pdmd_jax import config_lib
 from pdmd_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
@@ -20,12 +23,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                           "train: distil (resuming from workdir); sample: write samples of the "
                           "latest checkpoint to .npz; eval: metrics of the latest checkpoint.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host TPU pod "
+                                 "slices and GPU clusters; one process per host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   # XLA's CPU compiles are slow (seconds per phase step); a persistent cache makes resumed
   # and repeated runs start at once. PDMD_JAX_CACHE="" disables it.
   cache = os.environ.get("PDMD_JAX_CACHE", os.path.expanduser("~/.cache/pdmd_jax/xla"))
@@ -33,6 +41,12 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if config.get("job") != "teacher":
+    try:   # a bad field or missing weights: the message, not a traceback, before compiling
+      config_lib.validate(config)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"Configuration error: {e}", file=sys.stderr)
+      sys.exit(2)
   if config.get("job") == "teacher":     # configs/*_teacher.py: train a teacher by flow matching
     from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
     teacher_training.train_teacher(config, workdir)

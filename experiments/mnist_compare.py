@@ -131,7 +131,9 @@ def write_table(results):
   with open(os.path.join(_OUT.value, "mnist.md"), "w") as f:
     f.write(header + gmm_metrics.markdown_table(rows, cols))
     f.write("\nSample grids (seed 0): " + ", ".join(
-        f"[{r}](mnist_{r}.png)" for r, _, _ in ROWS) + ", [teacher](mnist_teacher.png)\n")
+        f"[{r}](mnist_{r}.png)" for r, _, _ in ROWS
+        if os.path.exists(os.path.join(_OUT.value, f"mnist_{r}.png"))) +
+        ", [teacher](mnist_teacher.png)\n")
   with open(os.path.join(_OUT.value, "mnist.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
 

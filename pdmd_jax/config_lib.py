@@ -40,6 +40,15 @@ def _positive(config, field, integer=False, minimum=None):
     _fail(field, value, f"a number >= {minimum}")
 
 
+def _has(config, field) -> bool:
+  node = config
+  for part in field.split("."):
+    if not hasattr(node, "keys") or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
 def _get(config, field):
   node = config
   for part in field.split("."):
@@ -91,6 +100,8 @@ def validate(config) -> methods.PhasePlan:
       _fail("health.min_fraction", config.health.min_fraction, "a number in [0, 1); 0 = never stop")
   if t.type == "gmm":
     _validate_gmm(config)
+  elif t.type == "wan":
+    _validate_wan(config)
   else:
     _validate_network(config)
   for f in ("generator.lr", "fake.lr", "generator.b2", "fake.b2"):
@@ -129,6 +140,10 @@ def validate(config) -> methods.PhasePlan:
   for p in plan.phases:
     if p.t_sampler.low >= p.t_sampler.high:
       _fail("t_sampler.t_max", ts.t_max, f"above phase {p.index + 1}'s boundary {p.boundary:.4f}")
+  if t.type == "wan":
+    from pdmd_jax import wan_task  # pylint: disable=import-outside-toplevel
+    wan_task.expert_of_phases(plan, t.boundary)   # each phase's generator on one expert
+    _check_wan_files(config)                      # last: every field is fine, files missing?
   return plan
 
 
@@ -171,6 +186,82 @@ def _validate_network(config):
       re.compile(g.lora_targets)
     except (re.error, TypeError) as e:
       _fail("generator.lora_targets", g.lora_targets, f"a regular expression ({e})")
+
+
+def _validate_wan(config):
+  """Wan2.2 A14B (or the random tiny Wan): MoE teacher, LoRA experts, latent video shapes."""
+  import re  # pylint: disable=import-outside-toplevel
+  from pdmd_jax import wan_task  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
+  needed = ("teacher.task", "teacher.path", "teacher.random", "teacher.seed", "teacher.boundary",
+            "teacher.guidance_scale_low", "teacher.route", "model.dtype", "model.param_dtype",
+            "model.scan_layers", "model.remat", "generator.lora_rank", "generator.lora_alpha",
+            "generator.lora_targets", "data.embeddings", "data.num_frames", "data.height",
+            "data.width", "data.text_len", "data.random_prompts", "data.random_length",
+            "data.max_table_gb", "eval.batch_size")
+  missing = [f for f in needed if not _has(config, f)]
+  if missing:
+    _fail("teacher.type", "wan", f"a config with every field of configs/wan22.py; missing {missing}")
+  t, g, d = config.teacher, config.generator, config.data
+  _choice(config, "teacher.task", wan_task.TASKS)
+  _choice(config, "teacher.route", teachers.ROUTES)
+  for f in ("teacher.random", "model.scan_layers"):
+    if not isinstance(_get(config, f), bool):
+      _fail(f, _get(config, f), [True, False])
+  if not 0.0 < t.boundary < 1.0:
+    _fail("teacher.boundary", t.boundary, "a number in (0, 1) (0.875 T2V-A14B, 0.9 I2V-A14B)")
+  if t.guidance_scale_low is not None:
+    _positive(config, "teacher.guidance_scale_low", minimum=0.0)
+  _positive(config, "teacher.seed", integer=True, minimum=0)
+  _choice(config, "model.remat", tuple(wan.REMAT_POLICIES))
+  for f in ("model.dtype", "model.param_dtype"):
+    _choice(config, f, ("float32", "bfloat16"))
+  _positive(config, "generator.lora_rank", integer=True, minimum=0)
+  if g.lora_rank:
+    _positive(config, "generator.lora_alpha")
+    try:
+      re.compile(g.lora_targets)
+    except (re.error, TypeError) as e:
+      _fail("generator.lora_targets", g.lora_targets, f"a regular expression ({e})")
+  for f in ("data.num_frames", "data.height", "data.width", "data.text_len",
+            "data.random_prompts", "data.random_length", "eval.batch_size"):
+    _positive(config, f, integer=True)
+  _positive(config, "data.max_table_gb")
+  st, sh, sw = wan_task.VAE_STRIDE
+  if (d.num_frames - 1) % st:
+    _fail("data.num_frames", d.num_frames, f"1 + a multiple of {st} (e.g. 81 -> {81 // st + 1} "
+          "latent frames)")
+  for f in ("data.height", "data.width"):
+    if _get(config, f) % (2 * sh):
+      _fail(f, _get(config, f), f"a multiple of {2 * sh} (VAE stride {sh} x patch 2)")
+  if d.random_length > d.text_len:
+    _fail("data.random_length", d.random_length, f"at most data.text_len={d.text_len}")
+  if not t.random and not d.embeddings:
+    _fail("data.embeddings", d.embeddings, "a prompt-embedding file (scripts/"
+          "write_wan_embeddings.py); '' (random stand-in) only with teacher.random=True (:tiny)")
+
+
+def _check_wan_files(config):
+  """Weights under teacher.path and the embeddings file exist (FileNotFoundError otherwise)."""
+  import os  # pylint: disable=import-outside-toplevel
+  from pdmd_jax import wan_task  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.convert import wan as convert  # pylint: disable=import-outside-toplevel
+  t, d = config.teacher, config.data
+  problems = []
+  if not t.random:
+    missing = wan_task.missing_weights(t.path)
+    if missing:
+      problems.append(wan_task.weights_message(t.path, t.task, missing))
+    else:
+      ratio = convert.boundary_ratio(t.path)
+      if ratio is not None and abs(ratio - t.boundary) > 1e-9:
+        _fail("teacher.boundary", t.boundary, f"{ratio} (boundary_ratio in {t.path}/"
+              "model_index.json)")
+  if d.embeddings and not os.path.isfile(d.embeddings):
+    problems.append(wan_task.embeddings_message(d.embeddings, t.task))
+  if problems:
+    raise FileNotFoundError("\n\n".join(problems))
+  wan_task.check_inputs(config)   # embeddings vs config.json: shapes only, nothing loaded
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:

@@ -6,6 +6,8 @@ Every output is under stop_gradient.
 
 - ``gmm_teacher``: the exact velocity of a Gaussian mixture under any Gaussian diffusion.
 - ``network_teacher``: any NNX velocity network (``apply(params, x, t, y)``).
+- ``moe_teacher``: Wan2.2's two experts routed by t (high noise at t >= boundary), with CFG
+  against a negative-prompt embedding.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 from pdmd_jax import schedule as S
 from pdmd_jax.data import gmm as gmm_lib
 
-TEACHERS = ("gmm", "dit")
+TEACHERS = ("gmm", "dit", "wan")
+ROUTES = ("switch", "where")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +92,87 @@ def gmm_teacher(sched: S.Schedule, num_classes: int, guidance_scale: float = 1.0
 def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0) -> Teacher:
   """A trained velocity network (e.g. the shipped DiT); its params travel as the argument."""
   return Teacher(apply=apply, null_class=num_classes, guidance_scale=guidance_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts (Wan2.2 A14B: a high-noise and a low-noise expert, spec §1.3, §3.4)
+# ---------------------------------------------------------------------------------------------
+
+def moe_apply(apply_high, apply_low, boundary: float, route: str = "switch"):
+  """apply((high, low), x, t, y): each sample's velocity from the expert owning its t.
+
+  Sample i uses ``apply_high`` if t_i >= boundary (Wan: timestep >= boundary * 1000), else
+  ``apply_low``. No shape-static program can send half a batch to each expert, so a batch
+  that straddles the boundary runs both experts on all of it and selects per sample (2x the
+  FLOPs and activations of one expert). Cost choice:
+  - "switch" (default): ``lax.switch`` on the batch: all t >= boundary -> the high expert
+    only, all below -> the low expert only, mixed -> both + select. The few-step sampler, the
+    teacher reference and the phase-1 losses (t clamped to >= boundary) pay for one expert;
+    only straddling batches (the last phase's re-noise t in (0, 1)) pay for two. The
+    predicate is a reduction over the (sharded) batch: one tiny all-reduce.
+  - "where": always both experts + select (no control flow; 2x cost everywhere).
+  Gradients (the fake-score update) reach only the expert that produced each sample.
+  """
+  if route not in ROUTES:
+    raise ValueError(f"route={route!r} is unknown; allowed: {list(ROUTES)}")
+
+  def both(params, x, t, y):
+    high = S.bcast(t >= boundary, x)
+    return jnp.where(high, apply_high(params[0], x, t, y), apply_low(params[1], x, t, y))
+
+  def apply(params, x, t, y):
+    if route == "where":
+      return both(params, x, t, y)
+    is_high = t >= boundary
+    index = jnp.where(jnp.all(is_high), 0, jnp.where(jnp.any(is_high), 2, 1))
+    branches = (lambda p, x, t, y: apply_high(p[0], x, t, y),
+                lambda p, x, t, y: apply_low(p[1], x, t, y), both)
+    return jax.lax.switch(index, branches, params, x, t, y)
+
+  return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class MoETeacher(Teacher):
+  """Two experts routed by t, CFG scale per expert, cond + uncond in one batched call.
+
+  params: (high-noise expert params, low-noise expert params).
+  guidance_scale / guidance_scale_low: CFG of the high / low expert (low None: the same).
+  """
+  boundary: float = 0.875
+  guidance_scale_low: float | None = None
+
+  def velocity(self, params, x_t, t, y):
+    w_high = self.guidance_scale
+    w_low = w_high if self.guidance_scale_low is None else self.guidance_scale_low
+    if w_high == 1.0 and w_low == 1.0:
+      return jax.lax.stop_gradient(self.apply(params, x_t, t, y))
+    b = x_t.shape[0]
+    cat = lambda a, c: jnp.concatenate([a, c], axis=0)
+    v = self.apply(params, cat(x_t, x_t), cat(t, t),
+                   jax.tree.map(cat, y, self.unconditional(y)))
+    v_c, v_u = v[:b], v[b:]
+    w = w_high if w_high == w_low else jnp.where(t >= self.boundary, w_high, w_low)
+    return jax.lax.stop_gradient(v_u + S.bcast(w, v_c) * (v_c - v_u))
+
+
+def moe_teacher(apply_high, apply_low, boundary: float, guidance_scale: float = 1.0,
+                null_cond=None, *, guidance_scale_low: float | None = None,
+                route: str = "switch") -> MoETeacher:
+  """Wan2.2-style MoE teacher; its params are the tuple (high, low).
+
+  Args:
+    apply_high, apply_low: (expert params, x, t, y) -> velocity of each expert.
+    boundary: t at which the high-noise expert takes over (0.875 T2V-A14B, 0.9 I2V-A14B).
+    guidance_scale: CFG scale (of the high expert if ``guidance_scale_low`` is given).
+    null_cond: y -> the unconditional branch's conditioning, e.g. the negative-prompt
+      embedding swapped in for the prompt's; required when any scale != 1.
+    guidance_scale_low: CFG scale of the low-noise expert (Wan2.2's ``guidance_scale_2``).
+    route: "switch" or "where" (see ``moe_apply``).
+  """
+  if null_cond is None and (guidance_scale != 1.0 or guidance_scale_low not in (None, 1.0)):
+    raise ValueError("moe_teacher: CFG (guidance_scale != 1) needs null_cond, e.g. the "
+                     "negative-prompt embedding")
+  return MoETeacher(apply=moe_apply(apply_high, apply_low, boundary, route), null_class=-1,
+                    guidance_scale=guidance_scale, null_cond=null_cond, boundary=boundary,
+                    guidance_scale_low=guidance_scale_low)

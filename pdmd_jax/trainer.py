@@ -342,8 +342,12 @@ def evaluate(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = 
   """Metrics, plots and tables of the distilled sampler at ``state`` (written to ``workdir``)."""
   if run.kind == "gmm":
     return _evaluate_gmm(run, state, workdir, tag=tag, verbose=verbose)
-  from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
-  out = image_eval.evaluate(run, state, workdir, tag=tag, verbose=verbose)
+  if run.kind == "latent":   # Wan2.2: latent statistics vs the teacher (+ optional decoding)
+    from pdmd_jax.evaluation import latent_eval  # pylint: disable=import-outside-toplevel
+    out = latent_eval.evaluate(run, state, workdir, tag=tag, verbose=verbose)
+  else:
+    from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
+    out = image_eval.evaluate(run, state, workdir, tag=tag, verbose=verbose)
   if workdir:
     _write_json(os.path.join(workdir, f"eval_{tag}.json"), out)
   return out
@@ -466,7 +470,8 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   traj = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
       run.plan, run.step_cfg.experts_apply(tp), e, z, y))(state.experts, run.teacher_params, z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
-  np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(y),
+  labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices
+  np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(labels),
            trajectory=np.stack([np.asarray(x) for x in traj]), grid=np.asarray(run.plan.grid),
            step=int(state.step))
   return out_path

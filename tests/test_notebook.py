@@ -16,7 +16,7 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
   monkeypatch.setenv("XLA_FLAGS", "")          # one CPU device in the kernel
   monkeypatch.setenv("MPLBACKEND", "Agg")
   nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart_mnist.ipynb"), as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+  client = nbclient.NotebookClient(nb, timeout=1500, kernel_name="python3",
                                    resources={"metadata": {"path": ROOT}})
   client.execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"

@@ -17,4 +17,4 @@ def test_readme_setup_commands_match_ci():
   assert 'install -q -e ".[test,torch]"' in ci and 'install -e ".[test,torch]"' in test_cmd
   assert "--no-deps \"mlxtend==0.25.0\"" in ci and "--no-deps mlxtend==0.25.0" in test_cmd
   pytest_cmd = test_cmd.split(".venv/bin/python ")[-1]
-  assert f"\n{pytest_cmd}\n" in ci
+  assert f"\npython {pytest_cmd}\n" in ci

@@ -2,7 +2,7 @@
 
 import os
 
-import numpy as np
+import jax
 import pytest
 
 from pdmd_jax import assets
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_teacher_loads_and_reproduces_its_check_metrics():
   cfg, net, params, card = teacher_training.load_teacher()
-  assert sum(p.size for p in __import__("jax").tree.leaves(params)) == card["num_params"]
+  assert sum(p.size for p in jax.tree.leaves(params)) == card["num_params"]
   got = teacher_training.check_metrics(net.apply, params, cfg)
   want = card["check"]["metrics"]
   assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.02)
@@ -32,10 +32,9 @@ def test_teacher_card_meets_the_bar():
 def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="mnist_teacher.py"):
     teacher_training.load_teacher(str(tmp_path))
-  cfg, _, params, card = teacher_training.load_teacher()
+  _, _, params, card = teacher_training.load_teacher()
   bad = dict(params)
   bad.pop("embed")
   assets.save(str(tmp_path), bad, card)
   with pytest.raises(ValueError, match="missing embed.kernel"):
     teacher_training.load_teacher(str(tmp_path))
-  del cfg, np

@@ -73,7 +73,9 @@ def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
 
 def grid_order(x, num_classes: int, seeds: int = GRID_SEEDS):
   """The first classes x seeds images reordered class-major (rows = classes, columns = seeds)."""
-  x = np.asarray(x)[:num_classes * seeds]
+  x = np.asarray(x)
+  seeds = max(1, min(seeds, len(x) // num_classes))
+  x = x[:num_classes * seeds]
   return x.reshape(seeds, num_classes, *x.shape[1:]).swapaxes(0, 1).reshape(-1, *x.shape[1:])
 
 

@@ -1,0 +1,310 @@
+"""Wan2.2 task: MoE routing, the phase-1 clamp, embeddings, missing weights, tiny end to end."""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdmd_jax import config_lib
+from pdmd_jax import schedule as S
+from pdmd_jax import teachers
+from pdmd_jax import wan_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(arg=""):
+  spec = importlib.util.spec_from_file_location("wan22", os.path.join(ROOT, "configs", "wan22.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE routing
+# ---------------------------------------------------------------------------------------------
+
+def _scaled(p, x, t, y):  # expert "p": v = p x (two experts told apart by their parameter)
+  del t, y
+  return p * x
+
+
+@pytest.mark.parametrize("route", teachers.ROUTES)
+def test_moe_routes_each_sample_by_t(route):
+  b = 0.875
+  apply = jax.jit(teachers.moe_apply(_scaled, _scaled, b, route))
+  x = jnp.ones((6, 3))
+  params = (jnp.float32(2.0), jnp.float32(-3.0))
+  t = jnp.array([1.0, 0.9, b, np.nextafter(np.float32(b), 0), 0.5, 0.0], jnp.float32)
+  np.testing.assert_array_equal(apply(params, x, t, None)[:, 0], [2, 2, 2, -3, -3, -3])
+  # whole batch on one side (the switch's single-expert branches)
+  np.testing.assert_array_equal(apply(params, x, jnp.full((6,), 0.95), None), 2.0)
+  np.testing.assert_array_equal(apply(params, x, jnp.full((6,), 0.3), None), -3.0)
+  # gradients reach only the expert that produced each sample
+  xs = jnp.arange(1.0, 7.0)[:, None] * jnp.ones((6, 3))
+  g_high, g_low = jax.grad(lambda p: jnp.sum(apply(p, xs, t, None)))(params)
+  np.testing.assert_allclose([g_high, g_low], [3 * (1 + 2 + 3), 3 * (4 + 5 + 6)])
+
+
+def test_moe_teacher_cfg_uses_the_negative_and_a_scale_per_expert():
+  def apply(p, x, t, y):
+    del t
+    return p * x + y["context"][:, :1]
+  teacher = teachers.moe_teacher(apply, apply, 0.875, 4.0, wan_task.negative_cond,
+                                 guidance_scale_low=3.0)
+  x = jnp.ones((2, 1))
+  y = {"context": jnp.array([[5.0], [5.0]]), "negative": jnp.array([[1.0], [1.0]])}
+  v = teacher.velocity((jnp.float32(2.0), jnp.float32(-3.0)), x, jnp.array([0.9, 0.5]), y)
+  # v_u + w (v_c - v_u), v_c - v_u = 5 - 1 = 4: high 2+1 + 4*4, low -3+1 + 3*4
+  np.testing.assert_allclose(v[:, 0], [3 + 16, -2 + 12])
+  with pytest.raises(ValueError, match="null_cond"):
+    teachers.moe_teacher(apply, apply, 0.875, 4.0, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Wan2.2 phase-1 clamp (spec §3.1, §7 item 9)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("boundary,expected", [(0.875, 1 / 6), (0.9, 2 / 7)])
+def test_clamp_point_mass_closed_form(boundary, expected):
+  """Phase 1 draws u ~ U(0.5, 1), t = shift_5(u), t = max(t, b): mass (u* - .5)/.5 at b."""
+  u_star = boundary / (5 - 4 * boundary)
+  assert abs((u_star - 0.5) / 0.5 - expected) < 1e-12
+  sampler = S.TimeSampler(low=float(S.shift(0.5, 5.0)), high=1.0, shift_value=5.0,
+                          floor=boundary, floor_mode="clamp")
+  assert sampler.point_mass_at_floor() == pytest.approx(expected, abs=1e-6)
+  t = np.asarray(sampler(jax.random.PRNGKey(0), (200_000,)))
+  frac = np.mean(t == np.float32(boundary))
+  assert abs(frac - expected) < 4 * np.sqrt(expected * (1 - expected) / t.size)
+  assert t.min() == np.float32(boundary) and t.max() <= 1.0
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_config_phase1_sampler_clamp_and_resample(task):
+  """The config's phase-1 sampler (grid .833, t_max 1): clamp mass vs closed form; resample."""
+  c = _config(f"task={task},tiny")
+  phase1 = config_lib.validate(c).phases[0].t_sampler
+  b = c.teacher.boundary
+  assert phase1.floor == b and phase1.floor_mode == "clamp"
+  u_low, u_star = S.unshift(0.833, 5.0), S.unshift(b, 5.0)
+  closed = (u_star - u_low) / (1.0 - u_low)
+  assert phase1.point_mass_at_floor() == pytest.approx(closed, rel=1e-9)
+  assert closed == pytest.approx({"t2v": 1 / 6, "i2v": 2 / 7}[task], abs=2e-3)
+  n = 200_000
+  t = np.asarray(phase1(jax.random.PRNGKey(1), (n,)))
+  frac = np.mean(t == np.float32(b))
+  assert abs(frac - closed) < 4 * np.sqrt(closed * (1 - closed) / n)
+  assert np.all(t >= np.float32(b))              # phase 1 never reaches the low-noise expert
+
+  c.t_sampler.floor_mode = "resample"
+  resampled = config_lib.validate(c).phases[0].t_sampler
+  assert resampled.point_mass_at_floor() == 0.0
+  t = np.asarray(resampled(jax.random.PRNGKey(1), (n,)))
+  assert np.all(t >= np.float32(b) - 1e-6) and np.mean(t == np.float32(b)) < 1e-3
+  u = S.unshift(t.astype(np.float64), 5.0)       # uniform on (u*, 1)
+  assert np.mean(u) == pytest.approx((u_star + 1) / 2, abs=3e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts per phase, embeddings
+# ---------------------------------------------------------------------------------------------
+
+def test_expert_of_phases():
+  c = _config("tiny")
+  assert wan_task.expert_of_phases(config_lib.validate(c), 0.875) == (0, 1)
+  c.method, c.num_phases, c.train.num_steps = "phased_dmd", 4, 4
+  assert wan_task.expert_of_phases(config_lib.validate(c), 0.875) == (0, 0, 1, 1)
+  c.method, c.num_phases = "dmd2_sgts", 1
+  with pytest.raises(ValueError, match="num_phases=1"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "npz"])
+def test_embeddings_roundtrip_and_cond_fn(tmp_path, ext):
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  emb = wan_task.random_embeddings(5, 8, 4, seed=3, condition_shape=(2, 1, 2, 2))
+  emb.context = np.pad(emb.context, ((0, 0), (0, 4), (0, 0)))    # zero padding to trim
+  emb.context = wan_task.trim(emb.context).astype(ml_dtypes.bfloat16)
+  assert emb.context.shape[1] <= 8
+  path = str(tmp_path / f"e.{ext}")
+  wan_task.save_embeddings(path, emb)
+  back = wan_task.load_embeddings(path)
+  np.testing.assert_array_equal(np.asarray(back.context, np.float32),
+                                np.asarray(emb.context, np.float32))
+  np.testing.assert_array_equal(back.negative, emb.negative)
+  assert back.prompts == emb.prompts and back.negative_prompt == emb.negative_prompt
+  y = wan_task.make_cond_fn(back)(jax.random.PRNGKey(0), (3, 2))
+  n = back.context.shape[1]
+  assert y["index"].shape == (3, 2) and y["context"].shape == (3, 2, 8, 4)   # padded to 8
+  assert y["negative"].shape == (3, 2, 8, 4) and y["condition"].shape == (3, 2, 2, 1, 2, 2)
+  row = np.asarray(y["context"][1, 0], np.float32)
+  np.testing.assert_array_equal(row[:n], np.asarray(back.context[int(y["index"][1, 0])], np.float32))
+  assert not row[n:].any()
+  assert wan_task.negative_cond(y)["context"] is y["negative"]
+
+
+def test_write_embeddings_script(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  import write_wan_embeddings as script  # pylint: disable=import-outside-toplevel
+  (tmp_path / "p.txt").write_text("a cat\n\na dog surfing\n")
+  ctx = np.zeros((2, 10, 4), np.float32)
+  ctx[0, :3], ctx[1, :5] = 1.0, 2.0
+  np.save(tmp_path / "c.npy", ctx)
+  np.save(tmp_path / "n.npy", np.ones((10, 4), np.float32))
+  out = str(tmp_path / "e.safetensors")
+  script.main(["--prompts", str(tmp_path / "p.txt"), "--from_npy", str(tmp_path / "c.npy"),
+               "--negative_npy", str(tmp_path / "n.npy"), "--out", out])
+  e = wan_task.load_embeddings(out)
+  assert e.context.shape == (2, 5, 4) and e.prompts == ["a cat", "a dog surfing"]
+  assert e.negative.shape == (10, 4)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_parts_route_fakes_and_put_each_lora_on_its_expert(task):
+  """The tiny Wan through the real loader: fake MoE routes by t; phase k's LoRA sits on the
+  expert owning its grid times (phase 1 high, phase 2 low); a fresh LoRA is its expert."""
+  c = _config(f"task={task},tiny")
+  parts = wan_task.parts(c, S.flow_matching())
+  high, low = parts["teacher_params"]
+  assert parts["init_params"] is parts["teacher_params"] and parts["kind"] == "latent"
+  assert parts["sample_shape"] == (4, 2, 8, 8)
+  y = parts["cond_fn"](jax.random.PRNGKey(0), (2,))
+  if task == "i2v":   # the image condition rides in y, concatenated to x by the model call
+    assert y["condition"].shape == (2, wan_task.TINY_CONDITION_CHANNELS, 2, 8, 8)
+    assert parts["wan_config"].in_channels == 4 + wan_task.TINY_CONDITION_CHANNELS
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + parts["sample_shape"])
+  t = jnp.array([0.95, 0.5])
+  net = parts["net"]
+
+  @jax.jit
+  def run(params, lora, x, t, y):
+    g1, g2 = parts["expert_apply"](params)
+    return (net.apply(params, x, t, y), net.net.apply(params[0], x, t, y),
+            net.net.apply(params[1], x, t, y), g1(lora, x, t, y), g2(lora, x, t, y))
+
+  moe, v_high, v_low, g1, g2 = run(parts["teacher_params"], parts["expert_init"], x, t, y)
+  assert float(jnp.max(jnp.abs(v_high - v_low))) > 1e-2          # distinguishable experts
+  np.testing.assert_allclose(moe[0], v_high[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(moe[1], v_low[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g1, v_high, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g2, v_low, rtol=1e-5, atol=1e-5)
+  assert all(k.startswith("blocks.") and k.endswith(".kernel") for k in parts["expert_init"])
+
+
+def test_eval_teacher_sampler_matches_sampling():
+  from pdmd_jax import methods, sampling  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.evaluation import latent_eval  # pylint: disable=import-outside-toplevel
+  teacher = teachers.Teacher(apply=lambda p, x, t, y: p * x * (1 + t[:, None]) + y, null_class=0)
+  plan = methods.make_plan("phased_dmd_sgts", 4, 2, 5.0)
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
+  y = jnp.ones((3, 1))
+  kw = dict(substeps=3, shift_value=5.0)
+  a = sampling.teacher_sample(teacher, jnp.float32(-0.7), plan, z, y, **kw)
+  b = jax.jit(lambda p, z, y: latent_eval.teacher_sample(teacher, p, plan, z, y, **kw))(
+      jnp.float32(-0.7), z, y)
+  assert len(a) == len(b) == 5
+  for u, v in zip(a, b):
+    np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing weights: a message, not a traceback
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_weights_message(tmp_path):
+  c = _config()
+  c.teacher.path = str(tmp_path / "wan")
+  os.makedirs(tmp_path / "wan" / "transformer")
+  (tmp_path / "wan" / "transformer" / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError) as e:
+    config_lib.validate(c)
+  msg = str(e.value)
+  for part in ("model_index.json", "transformer/diffusion_pytorch_model",
+               "transformer_2/config.json", "transformer_2/diffusion_pytorch_model",
+               "huggingface-cli download Wan-AI/Wan2.2-T2V-A14B-Diffusers", ":tiny",
+               "write_wan_embeddings.py"):
+    assert part in msg, part
+  assert "transformer/config.json" not in msg.split("missing:")[1].split("Get them")[0]
+  c = _config("task=i2v")
+  c.teacher.path = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="Wan2.2-I2V-A14B-Diffusers"):
+    config_lib.validate(c)
+
+
+def test_inputs_checked_against_the_weights_before_loading(tmp_path):
+  """Boundary vs model_index.json, embeddings vs transformer/config.json: shapes only."""
+  from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "wan"
+  for sub in wan_task.EXPERT_DIRS:
+    os.makedirs(root / sub)
+    (root / sub / "config.json").write_text(json.dumps(wan.WAN22_A14B.to_diffusers()))
+    (root / sub / "diffusion_pytorch_model.safetensors").write_text("")   # never read
+  (root / "model_index.json").write_text(json.dumps({"boundary_ratio": 0.9}))
+  c = _config()
+  c.teacher.path = str(root)
+  c.data.embeddings = str(tmp_path / "e.npz")
+  wan_task.save_embeddings(c.data.embeddings, wan_task.random_embeddings(2, 4, 4096))
+  with pytest.raises(ValueError, match="teacher.boundary=0.875.*0.9 .boundary_ratio"):
+    config_lib.validate(c)
+  c.teacher.boundary = c.t_sampler.phase1_floor = 0.9
+  config_lib.validate(c)                        # files in place: validation passes
+  wan_task.save_embeddings(c.data.embeddings, wan_task.random_embeddings(2, 4, 32))
+  with pytest.raises(ValueError, match="embeddings.*text_dim=4096"):
+    config_lib.validate(c)
+  wan_task.save_embeddings(c.data.embeddings, dataclasses.replace(
+      wan_task.random_embeddings(2, 4, 4096), negative=None))
+  with pytest.raises(ValueError, match="no 'negative'.*CFG"):
+    config_lib.validate(c)
+  (tmp_path / "bad.safetensors").write_text("x")
+  c.data.embeddings = str(tmp_path / "bad.safetensors")
+  with pytest.raises(ValueError, match="not a readable"):
+    config_lib.validate(c)
+
+
+def _main(workdir, config_arg, *extra, cache=None):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+         "PDMD_JAX_CACHE": cache or os.path.join(os.path.dirname(workdir), "xla")}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
+                         "--config=" + os.path.join(ROOT, "configs", "wan22.py") + config_arg,
+                         f"--workdir={workdir}", *extra],
+                        capture_output=True, text=True, env=env, cwd=str(os.path.dirname(workdir)),
+                        timeout=900)
+
+
+def test_main_without_weights_stops_with_the_message(tmp_path):
+  r = _main(str(tmp_path / "run"), "")     # cwd tmp_path: weights/... does not exist
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert "model_index.json" in r.stderr and "huggingface-cli download" in r.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: python main.py --config=configs/wan22.py:tiny
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow   # ~135 s of CPU: mostly XLA compiling the two phase steps
+def test_tiny_end_to_end(tmp_path):
+  w = str(tmp_path / "run")
+  r = _main(w, ":tiny")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "phase 2/2" in r.stderr
+  assert "| mse_to_teacher |" in r.stdout
+  m = json.load(open(os.path.join(w, "metrics.json")))
+  assert m["step"] == 2 and np.isfinite(m["mse_to_teacher"]) and m["teacher/diversity"] > 0
+  lat = np.load(os.path.join(w, "latents_final.npz"))
+  assert lat["student"].shape == (2, 4, 2, 8, 8) and np.all(np.isfinite(lat["student"]))
+  assert lat["trajectory"].shape == (5, 2, 4, 2, 8, 8)
+  assert os.path.isdir(os.path.join(w, "checkpoints", "2"))
+  r = _main(w, ":tiny", "--mode=sample")
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = np.load(os.path.join(w, "samples_step2.npz"))
+  assert s["samples"].shape == (2, 4, 2, 8, 8) and s["labels"].shape == (2,)
+  assert set(s["labels"].tolist()) <= set(range(16))           # prompt indices
