@@ -176,6 +176,26 @@ def _lora_apply(apply, spec, teacher_params):
   return lambda lora, x, t, y: apply(lora_lib.merge(spec, backbone, lora), x, t, y)
 
 
+def _teacher_fit(config, workdir, net, params, teacher, gmm, sched):
+  """The MLP fit to the exact teacher velocity, cached in ``<workdir>/teacher_fit``."""
+  path = os.path.join(os.path.abspath(workdir), "teacher_fit") if workdir else None
+  if path and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+    return ocp.StandardCheckpointer().restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+  f = config.init_fit
+  t0 = time.time()
+  params, mse = experts_lib.fit_to_gmm_teacher(
+      net.apply, params, teacher, gmm, sched, num_classes=config.teacher.num_classes,
+      steps=f.steps, batch_size=f.batch_size, lr=f.lr, seed=config.seed, p_uncond=f.p_uncond,
+      shift=config.shift)
+  logging.info("teacher fit: mse %.3g in %.1fs", mse, time.time() - t0)
+  print(f"Fitted the MLP to the exact teacher velocity: mse {mse:.3g} ({time.time() - t0:.1f}s)")
+  if path:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, params)
+    ckptr.wait_until_finished()
+  return params
+
+
 def initial_state(run: Run) -> ts.TrainState:
   make = lambda p, e: ts.create_state(run.rng, p, run.plan.num_phases, run.step_cfg.gen_tx,
                                       run.step_cfg.fake_tx, e)

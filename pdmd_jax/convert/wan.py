@@ -211,11 +211,13 @@ def load_experts(root, config: wan.WanConfig | None = None, shardings=None) -> d
 
 
 def _parse(path: str) -> tuple:
-  return tuple(int(p) if p.isdigit() else p for p in path.split("/"))
+  """'blocks/0/attn1/to_q/kernel' or the LoRA trees' 'blocks.0.attn1.to_q.kernel' -> key tuple."""
+  sep = "/" if "/" in path else "."
+  return tuple(int(p) if p.isdigit() else p for p in path.split(sep))
 
 
 def merge_lora(params, lora: dict, scale: float):
-  """kernel + scale a @ b for every '/'-path of ``lora``: {"a": [.., in, r], "b": [.., r, out]}.
+  """kernel + scale a @ b for every path ('/'- or '.'-joined) of ``lora``: {"a": [.., in, r], "b": [.., r, out]}.
 
   Stacked (scan_layers) kernels take stacked a [L, in, r] and b [L, r, out].
   """
