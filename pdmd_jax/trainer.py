@@ -47,8 +47,9 @@ from pdmd_jax.evaluation import gmm_metrics
 class Run:
   """Everything static about a run: plan, teacher, networks, mesh, shardings, step config.
 
-  kind: "gmm" (exact mixture teacher, MLP experts) or "image" (a network teacher, e.g. the
-  shipped MNIST DiT, with LoRA or full-copy experts).
+  kind: "gmm" (exact mixture teacher, MLP experts), "image" / "video" (a shipped DiT teacher:
+  the MNIST DiT or the moving-digits video DiT, with LoRA or full-copy experts) or "latent"
+  (Wan2.2).
   """
   config: Any
   kind: str
@@ -71,6 +72,7 @@ class Run:
   gmm: gmm_lib.GaussianMixture | None = None
   cond_fn: Any = None              # (key, shape) -> conditioning pytree; None: class labels
   labels_fn: Any = None
+  teacher_card: dict | None = None  # a shipped network teacher's card (data settings, metrics)
 
   @property
   def steps_per_phase(self) -> int:
@@ -127,7 +129,7 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
             sample_shape=parts["sample_shape"], num_classes=parts["num_classes"], mesh=mesh,
             step_cfg=step_cfg, state_sharding=state_sharding, teacher_sharding=teacher_sharding,
             batch_sharding=None, data_key=data_key, rng=rng, gmm=parts.get("gmm"),
-            cond_fn=parts.get("cond_fn"))
+            cond_fn=parts.get("cond_fn"), teacher_card=parts.get("card"))
   shape = (config.fake.ttur + 1, config.train.batch_size)
   abstract_y = jax.eval_shape(lambda: run.sample_labels(jax.random.PRNGKey(0), shape))
   run.batch_sharding = {"y": jax.tree.map(
@@ -154,14 +156,14 @@ def _network_parts(config) -> dict:
   from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
   from pdmd_jax.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
   t, g = config.teacher, config.generator
-  dit_cfg, net, params, _ = teacher_training.load_teacher(t.path or None)
+  dit_cfg, net, params, card = teacher_training.load_teacher(t.path or None)
   if config.model.remat or config.model.scan_layers:
     raise ValueError("model.remat/model.scan_layers: the shipped teacher is unscanned; set both "
                      "False for it")
   teacher = teachers.network_teacher(net.apply, dit_cfg.num_classes, t.guidance_scale)
-  parts = {"kind": "image", "teacher": teacher, "teacher_params": params, "net": net,
-           "init_params": params, "sample_shape": dit_cfg.sample_shape,
-           "num_classes": dit_cfg.num_classes}
+  parts = {"kind": "video" if dit_cfg.video else "image", "teacher": teacher,
+           "teacher_params": params, "net": net, "init_params": params,
+           "sample_shape": dit_cfg.sample_shape, "num_classes": dit_cfg.num_classes, "card": card}
   if g.lora_rank > 0:
     spec = lora_lib.LoraSpec(((g.lora_targets, g.lora_rank, g.lora_alpha),))
     parts["expert_init"] = lora_lib.init(spec, params, jax.random.PRNGKey(config.seed + 7))

@@ -1,12 +1,14 @@
-"""Evaluation of a distillation run on an image teacher (the MNIST DiT).
+"""Evaluation of a distillation run on an image or video teacher (the MNIST / moving-digits DiT).
 
 The distilled few-step sampler and the teacher's many-step Euler sampler (CFG, through the
 plan's grid points) start from the same noise and labels (``eval.num_samples`` images, classes
 in turn, so image i has class i % C and seed i // C). Both get the classifier-feature metrics of
 ``image_metrics`` (class accuracy, FD to real digits, diversity, saturation); the student also
 gets FD to the teacher's samples. The teacher's samples are cached in the workdir.
-Writes ``samples_<tag>.png`` (rows = classes, columns = seeds), ``teacher_samples.png`` and
-``metrics_<tag>.md``.
+Video teachers get ``video_metrics`` instead (per-frame class accuracy, FD of clip features to
+real held-out clips and to the teacher, diversity, optical flow, dynamic degree, warp error).
+Writes ``samples_<tag>.png`` (rows = classes, columns = seeds; videos also ``.gif``),
+``teacher_samples.png`` and ``metrics_<tag>.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
 
 COLUMNS = ("accuracy", "fd_real", "fd_reference", "feature_cosine", "pixel_l2", "saturation")
+VIDEO_COLUMNS = COLUMNS + ("mean_flow", "flow_ratio", "dynamic_degree", "warp_error")
 GRID_SEEDS = 8
 
 
@@ -85,16 +88,25 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   student = traj[-1]
   teacher = teacher_samples(run, z, labels, workdir)
   labels = np.asarray(labels)
-  out = {f"student/{k}": v for k, v in image_metrics.image_report(student, labels, teacher).items()}
-  out.update({f"teacher/{k}": v for k, v in image_metrics.image_report(teacher, labels).items()})
+  if video(run):
+    from pdmd_jax.evaluation import video_metrics  # pylint: disable=import-outside-toplevel
+    data = (run.teacher_card or {}).get("data") or {}
+    real = video_metrics.real_clips(data, len(labels))[0]
+    student_rep = video_metrics.video_report(student, labels, reference=teacher, real=real)
+    teacher_rep = video_metrics.video_report(teacher, labels, real=real)
+  else:
+    student_rep = image_metrics.image_report(student, labels, teacher)
+    teacher_rep = image_metrics.image_report(teacher, labels)
+  out = {f"student/{k}": float(v) for k, v in student_rep.items()}
+  out.update({f"teacher/{k}": float(v) for k, v in teacher_rep.items()})
   out["step"] = int(jax.device_get(state.step))
   if workdir:
-    c = run.num_classes
-    image_metrics.save_grid_png(grid_order(student, c), os.path.join(workdir, f"samples_{tag}.png"),
-                                nrow=c)
-    tpath = os.path.join(workdir, "teacher_samples.png")
-    if not os.path.exists(tpath):
-      image_metrics.save_grid_png(grid_order(teacher, c), tpath, nrow=c)
+    save_samples(run, student, os.path.join(workdir, f"samples_{tag}"))
+    if video(run):   # the clips themselves, for side-by-side strips (experiments/video_motion.py)
+      np.save(os.path.join(workdir, f"samples_{tag}.npy"), student[:40].astype(np.float16))
+    tpath = os.path.join(workdir, "teacher_samples")
+    if not os.path.exists(tpath + ".png"):
+      save_samples(run, teacher, tpath)
     with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
       f.write(metrics_markdown(out, run))
   if verbose:
@@ -102,11 +114,28 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   return out
 
 
+def video(run) -> bool:
+  return len(run.sample_shape) == 4
+
+
+def save_samples(run, x, stem: str) -> None:
+  """``stem``.png: rows = classes, columns = seeds (videos: 4 seeds, frames along a row of the
+  .png strip and animated in ``stem``.gif)."""
+  c = run.num_classes
+  if video(run):
+    from pdmd_jax.evaluation import motion_metrics  # pylint: disable=import-outside-toplevel
+    grid = grid_order(x, c, seeds=4)
+    motion_metrics.save_video_strip(grid, stem, mp4=False, ncols=len(grid) // c, scale=2)
+  else:
+    image_metrics.save_grid_png(grid_order(x, c), stem + ".png", nrow=c)
+
+
 def metrics_markdown(out: dict, run=None) -> str:
+  columns = VIDEO_COLUMNS if run is not None and video(run) else COLUMNS
   rows = {}
   sub = run.config.eval.teacher_substeps * run.plan.num_steps if run else "many"
   for who, label in (("teacher", f"teacher ({sub}-step Euler, CFG)"),
                      ("student", f"distilled ({run.plan.method}, {run.plan.num_steps} steps)"
                       if run else "distilled")):
-    rows[label] = {k: out.get(f"{who}/{k}", float("nan")) for k in COLUMNS}
-  return image_metrics.markdown_table(rows, list(COLUMNS)) + "\n"
+    rows[label] = {k: out.get(f"{who}/{k}", float("nan")) for k in columns}
+  return image_metrics.markdown_table(rows, list(columns)) + "\n"

@@ -1,0 +1,103 @@
+"""Video: per-frame metrics on centroid crops, the clip iterator, the shipped video teacher, and a
+tiny end-to-end video teacher + distillation run."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pdmd_jax import assets
+from pdmd_jax import teacher_training
+from pdmd_jax import trainer
+from pdmd_jax.data import moving_digits
+from pdmd_jax.evaluation import video_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = dict(num_frames=8, size=32, min_digits=1, max_digits=1, static_frac=0.2, min_speed=0.5,
+            max_speed=3.0)
+
+
+def _config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_centroid_crop_puts_the_digit_in_mnists_layout():
+  clips, labels = video_metrics.real_clips(DATA, 60)
+  crops = video_metrics.center_crops(clips)
+  assert crops.shape == (60 * 8, 32, 32, 1)
+  ink = (crops[..., 0] + 1) / 2
+  ys = np.arange(32)
+  cy = (ink.sum(2) @ ys) / ink.sum((1, 2))
+  cx = (ink.sum(1) @ ys) / ink.sum((1, 2))
+  # MNIST centres the digit's mass at the middle of the 28x28 field (15.5 after padding)
+  assert np.all(np.abs(cy - 15.5) < 1.5) and np.all(np.abs(cx - 15.5) < 1.5)
+  rep = video_metrics.video_report(clips, labels)
+  assert rep["accuracy"] >= 0.9            # the MNIST classifier reads real moving digits
+  assert rep["saturation"] == 0.0
+
+
+def test_video_report_ranks_speed_and_compares_with_a_reference():
+  src = moving_digits.mnist_source("heldout", num_clips=40, seed=3, **DATA)
+  slow = src.batch(range(20), speed=0.5)
+  fast = src.batch(range(20), speed=2.5)
+  rep = video_metrics.video_report(slow["video"], slow["label"], reference=fast["video"])
+  assert rep["flow_ratio"] < 0.5           # slowed motion shows as flow / reference < 1
+  same = video_metrics.video_report(fast["video"], fast["label"], reference=fast["video"])
+  assert same["flow_ratio"] == pytest.approx(1.0)
+  assert same["fd_reference"] == pytest.approx(0.0, abs=1e-6)
+  assert same["dynamic_degree"] == 1.0 and rep["mean_flow"] < same["mean_flow"]
+
+
+def test_clip_iterator_is_deterministic_and_resumes():
+  it = moving_digits.make_iterator("train", 4, seed=1, **DATA)
+  next(it)
+  state = it.get_state()
+  want = next(it)
+  again = moving_digits.make_iterator("train", 4, seed=1, **DATA)
+  again.set_state(state)
+  got = next(again)
+  np.testing.assert_array_equal(got["video"], want["video"])
+  assert want["video"].shape == (4, 8, 32, 32, 1) and want["label"].shape == (4,)
+
+
+def test_video_teacher_then_distillation_end_to_end(tmp_path):
+  tc = _config("video_teacher", "runlocal")
+  tc.out_dir = str(tmp_path / "teacher")
+  card = teacher_training.train_teacher(tc, str(tmp_path / "teacher_work"), verbose=False)
+  assert card["data"]["num_frames"] == 8 and card["model"]["frames"] == 8
+  for k in ("accuracy", "fd_real", "mean_flow", "dynamic_degree", "warp_error"):
+    assert np.isfinite(card["metrics"][k]), k
+  assert os.path.exists(os.path.join(tc.out_dir, "samples.gif"))
+
+  c = _config("video", f"runlocal,teacher={tc.out_dir}")
+  out = trainer.train_and_evaluate(c, str(tmp_path / "run"), evaluate_phases=False, verbose=False)
+  for k in ("mean_flow", "flow_ratio", "dynamic_degree", "warp_error", "accuracy", "fd_reference"):
+    assert np.isfinite(out[f"student/{k}"]), k
+  assert out["student/flow_ratio"] > 0
+  run_dir = tmp_path / "run"
+  assert (run_dir / "samples_final.gif").exists() and (run_dir / "samples_final.npy").exists()
+  assert "mean_flow" in (run_dir / "metrics_final.md").read_text()
+  assert json.loads((run_dir / "metrics.json").read_text())["step"] == c.train.num_steps
+
+
+VIDEO_TEACHER = assets.path("video_teacher")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(VIDEO_TEACHER, "card.json")),
+                    reason="the shipped video teacher asset is missing")
+def test_shipped_video_teacher_reproduces_its_card():
+  cfg, net, params, card = teacher_training.load_teacher(VIDEO_TEACHER)
+  assert cfg.video and cfg.sample_shape == (8, 32, 32, 1)
+  got = teacher_training.check_metrics(net.apply, params, cfg, card["data"])
+  want = card["check"]["metrics"]
+  assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.03)
+  for k in ("mean_flow", "feature_cosine", "pixel_l2"):
+    assert got[k] == pytest.approx(want[k], rel=0.03), k
+  # the teacher moves its digits about as fast as the data does
+  real = video_metrics.video_report(*video_metrics.real_clips(card["data"], 300))
+  assert card["metrics"]["mean_flow"] == pytest.approx(real["mean_flow"], rel=0.25)
