@@ -58,7 +58,10 @@ def get_config(arg=None):
   c.generator.weighting = "dmd_normalized"  # DMD's per-sample normaliser carried to subintervals
   c.generator.norm_floor = 1e-4
 
-  c.fake = ml_collections.ConfigDict()     # one full-parameter fake score per phase
+  c.fake = ml_collections.ConfigDict()     # one fake score per phase
+  c.fake.lora_rank = 0                     # 0 = full-parameter fakes (the paper); > 0 = shared
+  c.fake.lora_alpha = 16.0                 #   backbone: LoRA fakes on the frozen teacher
+  c.fake.lora_targets = c.generator.lora_targets
   c.fake.lr = 1e-4
   c.fake.b1 = 0.0
   c.fake.b2 = 0.999

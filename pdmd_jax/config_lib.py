@@ -179,13 +179,17 @@ def _validate_network(config):
   for f in ("model.remat", "model.scan_layers"):
     if not isinstance(_get(config, f), bool):
       _fail(f, _get(config, f), [True, False])
-  _positive(config, "generator.lora_rank", integer=True, minimum=0)
-  if g.lora_rank:
-    _positive(config, "generator.lora_alpha")
-    try:
-      re.compile(g.lora_targets)
-    except (re.error, TypeError) as e:
-      _fail("generator.lora_targets", g.lora_targets, f"a regular expression ({e})")
+  for who in ("generator", "fake"):
+    if who == "fake" and "lora_rank" not in config.fake:
+      continue                 # full fake copies (configs without the shared-backbone option)
+    _positive(config, f"{who}.lora_rank", integer=True, minimum=0)
+    if _get(config, f"{who}.lora_rank"):
+      _positive(config, f"{who}.lora_alpha")
+      try:
+        re.compile(_get(config, f"{who}.lora_targets"))
+      except (re.error, TypeError) as e:
+        _fail(f"{who}.lora_targets", _get(config, f"{who}.lora_targets"),
+              f"a regular expression ({e})")
 
 
 def _validate_wan(config):

@@ -97,8 +97,10 @@ def dit_setup(dit_cfg, *, method: str = "phased_dmd_sgts", num_steps: int = 4,
               num_phases: int = 2, lora_rank: int = 4, ttur: int = 1, guidance: float = 3.0,
               shift: float = 3.0, weighting: str = "dmd_normalized", gen_lr: float = 1e-3,
               fake_lr: float = 1e-4, seed: int = 0, perturb: float = 0.05,
-              abstract: bool = False, wrap: Callable | None = None) -> Setup:
-  """A DiT teacher (random, perturbed), LoRA experts (rank 0: full copies), full fake copies.
+              abstract: bool = False, wrap: Callable | None = None,
+              fake_lora_rank: int = 0) -> Setup:
+  """A DiT teacher (random, perturbed), LoRA experts (rank 0: full copies), full fake copies
+  (``fake_lora_rank`` > 0: shared backbone, LoRA fakes on the frozen teacher).
 
   wrap: optional ``apply -> apply`` around every network call (e.g. activation constraints).
   """
@@ -118,13 +120,22 @@ def dit_setup(dit_cfg, *, method: str = "phased_dmd_sgts", num_steps: int = 4,
     expert_init = jax.eval_shape(init, params) if abstract else init(params)
     expert_apply = lambda tp: _lora_apply(apply, spec, tp)
     expert_axes = sh.lora_axes(expert_init, axes)
+  fake_init, fake_apply, fake_axes = params, None, axes
+  if fake_lora_rank > 0:
+    spec_f = lora_lib.LoraSpec(((lora_lib.DIT_TARGETS, fake_lora_rank, float(fake_lora_rank)),))
+    init = lambda p: lora_lib.init(spec_f, p, jax.random.PRNGKey(seed + 11))
+    fake_init = jax.eval_shape(init, params) if abstract else init(params)
+    fake_apply = lambda tp: _lora_apply(apply, spec_f, tp)
+    fake_axes = sh.lora_axes(fake_init, axes)
+    if expert_init is None:          # full-copy experts stay full copies of the teacher
+      expert_init = params
   gen_tx, fake_tx = _txs(gen_lr, fake_lr)
   cfg = ts.StepConfig(plan=_plan(method, num_steps, num_phases, shift), apply=apply,
                       teacher=teacher, sched=S.flow_matching(), dim=dit_cfg.sample_shape,
                       gen_tx=gen_tx, fake_tx=fake_tx, ttur=ttur, weighting=weighting,
-                      expert_apply=expert_apply)
+                      expert_apply=expert_apply, fake_apply=fake_apply)
   make_y = lambda key, shape: jax.random.randint(key, shape, 0, dit_cfg.num_classes)
-  return Setup(cfg, params, params, expert_init, axes, expert_axes, axes, make_y,
+  return Setup(cfg, params, fake_init, expert_init, fake_axes, expert_axes, axes, make_y,
                name=f"DiT h{dit_cfg.hidden} d{dit_cfg.depth}")
 
 

@@ -33,7 +33,8 @@ class TrainState:
   step: number of generator updates done so far (over all phases).
   rng: the run's base key (uint32[2]); per-step keys are fold_in(rng, step).
   experts / expert_opt: one generator expert per phase and its optimizer state.
-  fakes / fake_opt: one fake score per phase (initialised from the teacher fit).
+  fakes / fake_opt: one fake score per phase (initialised from the teacher or its fit): a
+    full parameter copy, or a LoRA tree on the frozen teacher (shared-backbone mode).
   """
   step: jax.Array
   rng: jax.Array
@@ -52,9 +53,10 @@ def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
 
 def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx,
                  expert_init=None) -> TrainState:
-  """Every fake score starts as a copy of ``init_params`` (the teacher or its fit); every
-  expert as a copy of ``expert_init`` (default ``init_params``: full-copy experts; a LoRA tree
-  with B = 0 for LoRA experts on the frozen teacher).
+  """Every fake score starts as a copy of ``init_params`` (the teacher or its fit, or a LoRA
+  tree with B = 0 in shared-backbone mode); every expert as a copy of ``expert_init`` (default
+  ``init_params``: full-copy experts; a LoRA tree with B = 0 for LoRA experts on the frozen
+  teacher).
 
   rng: the run's base key (uint32[2]) or an int seed.
   """
@@ -87,9 +89,15 @@ class StepConfig:
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
+  # teacher_params -> apply of the fake scores; None: ``apply`` (full fake copies). Shared-
+  # backbone mode: LoRA fakes on the teacher's frozen parameters (no second full copy).
+  fake_apply: Any = None
 
   def experts_apply(self, teacher_params):
     return self.apply if self.expert_apply is None else self.expert_apply(teacher_params)
+
+  def fakes_apply(self, teacher_params):
+    return self.apply if self.fake_apply is None else self.fake_apply(teacher_params)
 
 
 def _keys(key):
@@ -121,8 +129,10 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
   weight, scale, target = losses.fake_target(cfg.sched, x_s, phase.boundary, t, eps,
                                              _fake_target_kind(cfg, phase))
 
+  fake_apply = cfg.fakes_apply(teacher_params)
+
   def loss_fn(p):
-    return losses.fake_loss(cfg.apply(p, x_t, t, y), weight, scale, target)
+    return losses.fake_loss(fake_apply(p, x_t, t, y), weight, scale, target)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.fakes[k])
   updates, opt = cfg.fake_tx.update(grads, state.fake_opt[k], state.fakes[k])
@@ -143,7 +153,7 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
                                      state.experts, p, z, y, keys["stop"])
     t, _, x_t = _renoise(cfg, phase, x_s, keys)
     v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
-    v_f = sg(cfg.apply(fake, x_t, t, y))
+    v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y))
     g = losses.generator_grad_direction(cfg.sched, x_s, phase.boundary, t, x_t, v_t, v_f,
                                         cfg.weighting, cfg.norm_floor)
     aux = {"dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1))),

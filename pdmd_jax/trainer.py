@@ -116,7 +116,8 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
                            sched=sched, dim=parts["sample_shape"], gen_tx=gen_tx, fake_tx=fake_tx,
                            ttur=f.ttur, weighting=g.weighting, fake_target=f.target,
                            clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
-                           expert_apply=parts.get("expert_apply"))
+                           expert_apply=parts.get("expert_apply"),
+                           fake_apply=parts.get("fake_apply"))
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract = jax.eval_shape(lambda: ts.create_state(rng, parts["init_params"], plan.num_phases,
                                                     gen_tx, fake_tx, parts.get("expert_init")))
@@ -168,6 +169,12 @@ def _network_parts(config) -> dict:
     spec = lora_lib.LoraSpec(((g.lora_targets, g.lora_rank, g.lora_alpha),))
     parts["expert_init"] = lora_lib.init(spec, params, jax.random.PRNGKey(config.seed + 7))
     parts["expert_apply"] = functools.partial(_lora_apply, net.apply, spec)
+  f = config.fake
+  if f.get("lora_rank", 0) > 0:   # shared backbone: LoRA fakes on the frozen teacher
+    spec = lora_lib.LoraSpec(((f.lora_targets, f.lora_rank, f.lora_alpha),))
+    parts["expert_init"] = parts.get("expert_init", params)   # full-copy experts stay full
+    parts["init_params"] = lora_lib.init(spec, params, jax.random.PRNGKey(config.seed + 11))
+    parts["fake_apply"] = functools.partial(_lora_apply, net.apply, spec)
   return parts
 
 

@@ -83,6 +83,36 @@ def test_lora_expert_at_init_samples_like_the_teacher(tiny_teacher):
   np.testing.assert_allclose(few, plain, atol=1e-5)
 
 
+def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
+  """fake.lora_rank > 0: each fake is a LoRA tree (B = 0: the teacher at init), its update moves
+  only its own LoRA, and the state holds no second full copy of the network."""
+  c = _config(tiny_teacher)
+  c.fake.lora_rank = 4
+  run = trainer.build(c, devices=jax.devices()[:1])
+  state = trainer.initial_state(run)
+  n_teacher = sum(x.size for x in jax.tree.leaves(run.teacher_params))
+  assert all(sum(x.size for x in jax.tree.leaves(f)) < 0.5 * n_teacher for f in state.fakes)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4,) + run.sample_shape)
+  t, y = jnp.full((4,), 0.6), jnp.array([0, 1, 2, 3])
+  fake = run.step_cfg.fakes_apply(run.teacher_params)
+  np.testing.assert_allclose(fake(state.fakes[0], x, t, y), run.net.apply(run.teacher_params, x, t, y),
+                             atol=1e-6)
+  before = jax.device_get(state)
+  new, m = ts.fake_step(run.step_cfg, 1, state, run.teacher_params, y, jax.random.PRNGKey(2))
+  after = jax.device_get(new)
+  assert np.isfinite(float(m["fake_loss"]))
+  moved = [not np.array_equal(before.fakes[1][k]["b"], after.fakes[1][k]["b"]) for k in before.fakes[1]]
+  assert all(moved)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.fakes[0]),
+                                                  jax.tree.leaves(after.fakes[0])))
+  # the generator update reads the LoRA fake: a full step runs and stays finite
+  new, m = ts.generator_step(run.step_cfg, 1, new, run.teacher_params, y, jax.random.PRNGKey(3))
+  assert np.isfinite(float(m["gen_grad_norm"]))
+  c.fake.lora_rank = -1
+  with pytest.raises(ValueError, match="fake.lora_rank"):
+    trainer.build(c)
+
+
 def test_bad_teacher_path_names_the_field(tiny_teacher):
   c = _config(tiny_teacher)
   c.teacher.path = "/nonexistent"
