@@ -90,8 +90,10 @@ def get_config(arg=None):
   c.health.min_fraction = 0.0               # stop early below this fraction of the teacher's diversity
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
+  c.mesh.data = -1                         # batch-only axis (-1: all remaining devices)
+  c.mesh.fsdp = 1                          # batch + parameters
+  c.mesh.tensor = 1                        # attention heads and MLP width (logical axis rules)
+  c.mesh.context = 1                       # parameters like fsdp (tokens in pdmd_jax.plan)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 40 if a.runlocal else 500  # classes in turn: 50 seeds per class

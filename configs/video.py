@@ -92,8 +92,10 @@ def get_config(arg=None):
                                             # diversity or motion
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
+  c.mesh.data = -1                         # batch-only axis (-1: all remaining devices)
+  c.mesh.fsdp = 1                          # batch + parameters
+  c.mesh.tensor = 1                        # attention heads and MLP width (logical axis rules)
+  c.mesh.context = 1                       # parameters like fsdp (tokens in pdmd_jax.plan)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 20 if a.runlocal else 300  # classes in turn: 30 seeds per class

@@ -128,11 +128,18 @@ def validate(config) -> methods.PhasePlan:
 
   if config.train.num_steps % k:
     _fail("train.num_steps", config.train.num_steps, f"a multiple of num_phases={k} (equal budget per phase)")
-  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+  unknown = sorted(set(config.mesh.keys()) - {"data", "fsdp", "tensor", "context"})
+  if unknown:
+    _fail("mesh", dict(config.mesh), "axes among data, fsdp, tensor, context (unknown: "
+          f"{unknown})")
+  if sum(v == -1 for v in config.mesh.values()) > 1:
     _fail("mesh", dict(config.mesh), "at most one axis size of -1")
-  for f in ("mesh.data", "mesh.fsdp"):
-    if _get(config, f) != -1:
-      _positive(config, f, integer=True)
+  for f in config.mesh.keys():
+    if _get(config, f"mesh.{f}") != -1:
+      _positive(config, f"mesh.{f}", integer=True)
+  if config.teacher.type != "dit" and any(config.mesh.get(a, 1) != 1 for a in ("tensor", "context")):
+    _fail("mesh", dict(config.mesh), "tensor = context = 1 for this teacher (tensor and context "
+          "parallelism follow the logical axis rules of the DiT teachers)")
 
   plan = methods.make_plan(m, n, k, config.shift, order=config.phase_order, t_min=ts.t_min,
                            t_max=ts.t_max, phase1_floor=ts.phase1_floor, floor_mode=ts.floor_mode,
@@ -269,14 +276,21 @@ def _check_wan_files(config):
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) with one -1 filled in; the batch must divide over data x fsdp."""
-  data, fsdp = config.mesh.data, config.mesh.fsdp
-  if data == -1:
-    data = num_devices // fsdp
-  if fsdp == -1:
-    fsdp = num_devices // data
-  if data * fsdp != num_devices:
-    _fail("mesh", dict(config.mesh), f"data x fsdp = {num_devices} devices")
-  if config.train.batch_size % (data * fsdp):
-    _fail("train.batch_size", config.train.batch_size, f"a multiple of data x fsdp = {data * fsdp}")
-  return data, fsdp
+  """(data, fsdp) with a -1 filled in; the batch must divide over data x fsdp."""
+  sizes = mesh_sizes(config, num_devices)
+  return sizes["data"], sizes["fsdp"]
+
+
+def mesh_sizes(config, num_devices: int) -> dict[str, int]:
+  """{data, fsdp, tensor, context} of config.mesh (missing axes = 1, one -1 filled in)."""
+  from pdmd_jax import sharding as sh  # pylint: disable=import-outside-toplevel
+  try:
+    sizes = sh.mesh_sizes(dict(config.mesh), num_devices)
+  except ValueError as e:
+    _fail("mesh", dict(config.mesh), f"axis sizes whose product is {num_devices} devices ({e})")
+  if any(v == -1 for v in sizes.values()) or np.prod(list(sizes.values())) != num_devices:
+    _fail("mesh", dict(config.mesh), f"axis sizes whose product is {num_devices} devices")
+  b = sizes["data"] * sizes["fsdp"]
+  if config.train.batch_size % b:
+    _fail("train.batch_size", config.train.batch_size, f"a multiple of data x fsdp = {b}")
+  return sizes

@@ -100,7 +100,7 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   """Validates ``config`` and builds the run (teacher, networks, mesh, shardings)."""
   plan = config_lib.validate(config)
   devices = list(devices if devices is not None else jax.devices())
-  mesh = sh.make_mesh(*config_lib.mesh_shape(config, len(devices)), devices=devices)
+  mesh = sh.make_mesh(**config_lib.mesh_sizes(config, len(devices)), devices=devices)
   sched = S.get_schedule(config.schedule)
   if config.teacher.type == "gmm":
     parts = _gmm_parts(config, workdir, sched)
@@ -121,9 +121,17 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract = jax.eval_shape(lambda: ts.create_state(rng, parts["init_params"], plan.num_phases,
                                                     gen_tx, fake_tx, parts.get("expert_init")))
-  state_sharding = sh.tree_shardings(mesh, abstract)
-  teacher_sharding = (sh.replicated(mesh, parts["teacher_params"]) if parts["kind"] == "gmm"
-                      else sh.tree_shardings(mesh, parts["teacher_params"]))
+  axes = parts.get("param_axes")
+  if axes is not None:        # DiT teachers: the logical axis rules (data/fsdp/tensor/context)
+    axes_of = lambda tree: axes if tree is parts["teacher_params"] else sh.lora_axes(tree, axes)
+    state_sharding = sh.train_state_shardings(
+        mesh, abstract, (gen_tx, fake_tx), axes_of(parts["init_params"]),
+        axes_of(parts.get("expert_init", parts["init_params"])))
+    teacher_sharding = sh.logical_shardings(mesh, parts["teacher_params"], axes)
+  else:                       # unannotated trees: the FSDP tactic
+    state_sharding = sh.tree_shardings(mesh, abstract)
+    teacher_sharding = (sh.replicated(mesh, parts["teacher_params"]) if parts["kind"] == "gmm"
+                        else sh.tree_shardings(mesh, parts["teacher_params"]))
   run = Run(config=config, kind=parts["kind"], plan=plan, sched=sched, teacher=parts["teacher"],
             teacher_params=parts["teacher_params"], net=parts["net"],
             init_params=parts["init_params"], expert_init=parts.get("expert_init"),
@@ -164,7 +172,8 @@ def _network_parts(config) -> dict:
   teacher = teachers.network_teacher(net.apply, dit_cfg.num_classes, t.guidance_scale)
   parts = {"kind": "video" if dit_cfg.video else "image", "teacher": teacher,
            "teacher_params": params, "net": net, "init_params": params,
-           "sample_shape": dit_cfg.sample_shape, "num_classes": dit_cfg.num_classes, "card": card}
+           "sample_shape": dit_cfg.sample_shape, "num_classes": dit_cfg.num_classes, "card": card,
+           "param_axes": models.logical_axes(dit_cfg)}
   if g.lora_rank > 0:
     spec = lora_lib.LoraSpec(((g.lora_targets, g.lora_rank, g.lora_alpha),))
     parts["expert_init"] = lora_lib.init(spec, params, jax.random.PRNGKey(config.seed + 7))

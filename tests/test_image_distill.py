@@ -1,6 +1,7 @@
 """Distillation of a DiT teacher: LoRA experts, which leaves move, and a tiny end-to-end run."""
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -111,6 +112,41 @@ def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
   c.fake.lora_rank = -1
   with pytest.raises(ValueError, match="fake.lora_rank"):
     trainer.build(c)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=4), dict(data=1, fsdp=4, tensor=2)])
+def test_trainer_shards_by_the_logical_rules_and_matches_one_device(tiny_teacher, mesh):
+  """On 8 simulated devices the trainer's state follows sharding.DEFAULT_RULES (LoRA factors
+  by their kernel's axes) and one phase step gives the single-device numbers."""
+  from pdmd_jax import sharding as sh  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.models import dit as dit_lib  # pylint: disable=import-outside-toplevel
+  c = _config(tiny_teacher)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh["data"], mesh["fsdp"], mesh.get("tensor", 1)
+  run = trainer.build(c)
+  axes = models.logical_axes(dit_lib.DiTConfig(**assets.load_card(tiny_teacher)["model"]))
+  state = trainer.initial_state(run)
+  specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
+  want = jax.tree.map(lambda n, x: sh.logical_spec(n, shape=x.shape, mesh=run.mesh), axes,
+                      state.fakes[0], is_leaf=lambda n: isinstance(n, tuple))
+  assert specs(state.fakes[0]) == jax.tree.leaves(want, is_leaf=lambda p: isinstance(p, sh.P))
+  lora = sh.lora_axes(state.experts[0], axes)
+  want = jax.tree.map(lambda n, x: sh.logical_spec(n, shape=x.shape, mesh=run.mesh), lora,
+                      state.experts[0], is_leaf=lambda n: isinstance(n, tuple))
+  assert specs(state.experts[0]) == jax.tree.leaves(want, is_leaf=lambda p: isinstance(p, sh.P))
+  if mesh.get("tensor"):
+    assert any("tensor" in str(s) for s in specs(state.fakes[0]))
+  batch = trainer.batch_for_step(run, 0)
+  compiled, _ = trainer.compile_phase_steps(run, state)
+  new, m = compiled[0](state, run.teacher_params, batch)
+  one = trainer.build(_config(tiny_teacher), devices=jax.devices()[:1])
+  ref, m1 = jax.jit(functools.partial(ts.phase_step, one.step_cfg, 0))(
+      trainer.initial_state(one), one.teacher_params, jax.device_get(batch))
+  # AdamW with beta1 = 0 moves each entry by about lr (1e-3) whatever its gradient's size, so an
+  # entry whose gradient is ~eps can move by a different fraction of lr: tolerance 5% of lr.
+  for a, b in zip(jax.tree.leaves(jax.device_get(new)), jax.tree.leaves(jax.device_get(ref))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+  for k in ("fake_loss", "gen_surrogate", "gen_grad_norm", "dmd_grad_norm"):
+    np.testing.assert_allclose(float(m[k]), float(m1[k]), rtol=1e-4, err_msg=k)
 
 
 def test_bad_teacher_path_names_the_field(tiny_teacher):
