@@ -2,7 +2,7 @@
 
 Default (the README's main job): Phased DMD, 4-step 2-phase with SGTS inside each phase,
 LoRA experts on the frozen teacher, per-phase full fake scores, teacher CFG 3, TTUR 5, AdamW
-beta1 = 0. About 10 minutes on 2 CPU cores:
+beta1 = 0. About 8 minutes on 2 CPU cores, install included:
 
   python main.py --config=configs/mnist.py --workdir=/tmp/pdmd_mnist
 

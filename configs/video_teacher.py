@@ -6,7 +6,7 @@ property of the distribution a distilled generator can lose. Conditioning = the 
 One digit per clip keeps the per-frame class accuracy unambiguous (``video_metrics``); the data
 module also makes two-digit clips (``--config.data.max_digits=2``).
 
-The DiT is the image DiT with space-time patches (4 frames x 4 x 4 px -> 2 x 8 x 8 = 128 tokens)
+The DiT is the image DiT with space-time patches (2 frames x 4 x 4 px -> 4 x 8 x 8 = 256 tokens)
 and a 3-D sin-cos position encoding. The result ships in assets/video_teacher (EMA weights +
 card with the settings, wall time and metrics incl. optical flow). To retrain (resumes):
 
@@ -41,14 +41,14 @@ def get_config(arg=None):
   c.model.variant = "tiny" if a.runlocal else "small"
   c.model.patch = 4
   c.model.frames = 8
-  c.model.temporal_patch = 4
+  c.model.temporal_patch = 2
   c.model.num_classes = 10
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 4 if a.runlocal else 32
+  c.train.batch_size = 4 if a.runlocal else 16
   c.train.num_steps = a.steps or (3 if a.runlocal else 4000)
   c.train.lr = 1e-3
-  c.train.warmup_steps = 1 if a.runlocal else 100
+  c.train.warmup_steps = 1 if a.runlocal else 200
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.999
