@@ -92,11 +92,11 @@ def main(argv):
       print(f"{name} seed {seed}: acc {out['student/accuracy']:.3f} fd_real "
             f"{out['student/fd_real']:.2f} cos {out['student/feature_cosine']:.3f} "
             f"({out.get('wall_s', 0):.0f}s)", flush=True)
-      if seed == int(_SEEDS.value[0]):
-        shutil.copy(os.path.join(workdir, "samples_final.png"),
-                    os.path.join(_OUT.value, f"mnist_{row_id}.png"))
-        shutil.copy(os.path.join(workdir, "teacher_samples.png"),
-                    os.path.join(_OUT.value, "mnist_teacher.png"))
+      if seed == int(_SEEDS.value[0]):   # (a cached run restored from mnist.json has no PNGs)
+        for src, dst in (("samples_final.png", f"mnist_{row_id}.png"),
+                         ("teacher_samples.png", "mnist_teacher.png")):
+          if os.path.exists(os.path.join(workdir, src)):
+            shutil.copy(os.path.join(workdir, src), os.path.join(_OUT.value, dst))
       write_table(results)
 
 

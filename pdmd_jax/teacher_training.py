@@ -96,7 +96,8 @@ def report(samples, labels, data: dict | None = None, reference=None) -> dict:
   if np.asarray(samples).ndim == 5:
     from pdmd_jax.evaluation import video_metrics  # pylint: disable=import-outside-toplevel
     real = video_metrics.real_clips(data or {}, len(samples))[0]
-    rep = video_metrics.video_report(samples, labels, reference=reference, real=real)
+    rep = video_metrics.video_report(samples, labels, reference=reference, real=real,
+                                     sprite_size=(data or {}).get("sprite_size"))
   else:
     from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
     rep = image_metrics.image_report(samples, labels, reference=reference)

@@ -92,8 +92,10 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
     from pdmd_jax.evaluation import video_metrics  # pylint: disable=import-outside-toplevel
     data = (run.teacher_card or {}).get("data") or {}
     real = video_metrics.real_clips(data, len(labels))[0]
-    student_rep = video_metrics.video_report(student, labels, reference=teacher, real=real)
-    teacher_rep = video_metrics.video_report(teacher, labels, real=real)
+    size = data.get("sprite_size")
+    student_rep = video_metrics.video_report(student, labels, reference=teacher, real=real,
+                                             sprite_size=size)
+    teacher_rep = video_metrics.video_report(teacher, labels, real=real, sprite_size=size)
   else:
     student_rep = image_metrics.image_report(student, labels, teacher)
     teacher_rep = image_metrics.image_report(teacher, labels)

@@ -63,7 +63,7 @@ def clip_features(videos, sprite_size: int = 16) -> tuple[np.ndarray, np.ndarray
   return feats, clf.logits(crops).reshape(n, t, -1)
 
 
-def video_report(videos, labels, reference=None, real=None, sprite_size: int = 16) -> dict:
+def video_report(videos, labels, reference=None, real=None, sprite_size: int | None = None) -> dict:
   """All per-frame image metrics and motion metrics of clips with their intended labels.
 
   Args:
@@ -71,8 +71,11 @@ def video_report(videos, labels, reference=None, real=None, sprite_size: int = 1
     labels: [N] the classes the clips were generated for.
     reference: optional clips of another sample set: adds fd_reference and flow_ratio.
     real: optional real clips: adds fd_real.
+    sprite_size: the digits' size in pixels (the crop window); None: half the canvas (the
+      default of ``moving_digits.make_clip``).
   """
   raw = np.asarray(videos, np.float32)
+  sprite_size = sprite_size or raw.shape[2] // 2
   x = np.clip(raw, -1.0, 1.0)
   labels = np.asarray(labels)
   feats, logits = clip_features(x, sprite_size)
