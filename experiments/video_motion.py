@@ -39,6 +39,8 @@ _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_video_motion", "Scratch workdirs.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these row ids (sgts, phased_sgts, phased).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Batch size of every run.")
+_EVAL = flags.DEFINE_integer("eval_samples", 300, "Clips per evaluation (classes in turn).")
 
 # (row id, row name, config variant)
 ROWS = [
@@ -63,7 +65,9 @@ def run_one(row_id, variant, steps, seed):
   config = _load_config(f"{variant},seed={seed}")
   config.train.num_steps = steps
   config.train.ckpt_every = steps
-  workdir = os.path.join(_WORK.value, f"{row_id}_x{steps}_s{seed}")
+  config.train.batch_size = _BATCH.value
+  config.eval.num_samples = _EVAL.value
+  workdir = os.path.join(_WORK.value, f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     return json.load(open(os.path.join(workdir, "metrics.json"))), workdir
   shutil.rmtree(workdir, ignore_errors=True)
@@ -130,10 +134,11 @@ def write_table(results):
     rows.append(row)
   cols = ["method", "steps", "seeds"] + [label for _, label in METRICS] + ["ms / step"]
   header = (f"# Moving digits (video DiT teacher): motion after distillation, {_STEPS.value} "
-            "generator updates per run (TTUR 5, batch 16, LoRA rank 16, CFG 3)\n\n"
+            f"generator updates per run (TTUR 5, batch {_BATCH.value}, LoRA rank 16, CFG 3)\n\n"
             "Command: `python experiments/video_motion.py --seeds=" + ",".join(_SEEDS.value) +
-            f" --steps={_STEPS.value}`. mean ± std over seeds; each run draws the same 300 clips "
-            "(30 per class, 8 frames of 32x32) from the same noise and labels as the teacher's "
+            f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}`. mean ± std "
+            f"over seeds; each run draws the same {_EVAL.value} clips ({_EVAL.value // 10} per class, "
+            "8 frames of 32x32) from the same noise and labels as the teacher's "
             "32-step reference. optical flow: ink-weighted mean Farneback flow magnitude between "
             "consecutive frames (px/frame; the paper's optical-flow score); flow / teacher: its "
             "ratio to the teacher's clips (< 1 = slowed motion); dynamic degree: share of clips "
@@ -141,7 +146,7 @@ def write_table(results):
             "warp(frame_t+1)| (temporal inconsistency); frame class acc.: per-frame digit accuracy "
             "of the project's classifier on centroid crops; FD teacher / FD real: Frechet distance "
             "of clip features (classifier features averaged over frames) to the teacher's clips / "
-            "to 300 real held-out clips; feat. cosine: same-class pairwise cosine of clip features "
+            f"to {_EVAL.value} real held-out clips; feat. cosine: same-class pairwise cosine of clip features "
             "(higher = less diverse); pixel L2: same-class pairwise clip distance; ms / step: "
             "median phase step (TTUR fake updates + generator update), 2 CPU cores.\n\n")
   with open(os.path.join(_OUT.value, "video.md"), "w") as f:
