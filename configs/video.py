@@ -6,7 +6,11 @@ CFG 3, TTUR 5, AdamW beta1 = 0. Evaluation adds optical flow, dynamic degree and
 the per-frame digit metrics (pdmd_jax/evaluation/video_metrics.py); in-loop health logs motion
 against the teacher's.
 
+  python main.py --config=configs/video_teacher.py --workdir=/tmp/vt   # first: the teacher
   python main.py --config=configs/video.py --workdir=/tmp/pdmd_video
+
+The teacher is read from assets/video_teacher (where configs/video_teacher.py writes it); none
+ships yet (see configs/video_teacher.py), so train one first or pass ``:teacher=DIR``.
 
 Variants (experiments/video_motion.py runs them on the same budget):
 

@@ -106,16 +106,17 @@ def write_table(results):
            **{label: [r[f"teacher/{k}"] for r in first[:1]] for k, label in METRICS
               if k != "fd_reference"}}]
   for name, runs in results.items():
-    row = {"method": name, "steps": int(runs[0].get("num_steps", 1 if "1 step" in name else 4))}
+    row = {"method": name, "steps": int(runs[0].get("num_steps", 1 if "1 step" in name else 4)),
+           "seeds": len(runs)}
     row.update({label: [r[f"student/{k}"] for r in runs] for k, label in METRICS})
     row["ms / step"] = [r["time_per_step_ms"] for r in runs]
     row["temp MB"] = [max(m["temp_bytes"] for m in r["memory_by_phase"].values()) / 2**20
                       for r in runs]
     row["peak MB"] = [r["peak_memory_bytes"] / 2**20 for r in runs]
     rows.append(row)
-  cols = (["method", "steps"] + [label for _, label in METRICS] + ["ms / step", "temp MB", "peak MB"])
-  n = len(first)
-  header = (f"# MNIST DiT teacher: all methods, {n} seed(s), {_STEPS.value} generator updates "
+  cols = (["method", "steps", "seeds"] + [label for _, label in METRICS]
+          + ["ms / step", "temp MB", "peak MB"])
+  header = (f"# MNIST DiT teacher: all methods, {_STEPS.value} generator updates "
             "(TTUR 5, batch 32, LoRA rank 16, CFG 3)\n\n"
             "mean ± std over seeds; 500 samples per run (50 per class) from the same noise and "
             "labels. class acc.: the project's classifier (prompt following). FD real / FD "
@@ -125,7 +126,8 @@ def write_table(results):
             "(higher = less diverse; the analogue of the paper's DINOv3 metric). pixel L2: mean "
             "same-class pairwise pixel distance (higher = more diverse). saturation: fraction of "
             "pixels outside [-1, 1]. ms / step: median wall time of one phase step (TTUR fake "
-            "updates + one generator update) on 2 CPU cores, run by run in one process. temp MB: "
+            "updates + one generator update) on 2 CPU cores (other jobs shared the CPU during some runs: "
+            "compare ms / step only loosely; docs/benchmarks.md has clean ratios). temp MB: "
             "XLA's compiled temporaries of the largest phase step; peak MB adds arguments and "
             "outputs.\n\n")
   with open(os.path.join(_OUT.value, "mnist.md"), "w") as f:

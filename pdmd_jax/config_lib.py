@@ -180,8 +180,9 @@ def _validate_network(config):
   import re  # pylint: disable=import-outside-toplevel
   t, g = config.teacher, config.generator
   if t.path and not os.path.exists(os.path.join(t.path, "card.json")):
-    _fail("teacher.path", t.path, "'' (the shipped teacher) or a directory with card.json and "
-          "params.safetensors (python main.py --config=configs/mnist_teacher.py ...)")
+    _fail("teacher.path", t.path, "'' (the shipped MNIST teacher) or a directory with card.json "
+          "and params.safetensors (train one: python main.py --config=configs/mnist_teacher.py "
+          "or --config=configs/video_teacher.py --workdir=DIR; it is written to config.out_dir)")
   _choice(config, "model.name", ("dit",))
   for f in ("model.remat", "model.scan_layers"):
     if not isinstance(_get(config, f), bool):
