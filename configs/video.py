@@ -6,11 +6,10 @@ CFG 3, TTUR 5, AdamW beta1 = 0. Evaluation adds optical flow, dynamic degree and
 the per-frame digit metrics (pdmd_jax/evaluation/video_metrics.py); in-loop health logs motion
 against the teacher's.
 
-  python main.py --config=configs/video_teacher.py --workdir=/tmp/vt   # first: the teacher
   python main.py --config=configs/video.py --workdir=/tmp/pdmd_video
 
-The teacher is read from assets/video_teacher (where configs/video_teacher.py writes it); none
-ships yet (see configs/video_teacher.py), so train one first or pass ``:teacher=DIR``.
+The teacher is read from assets/video_teacher (where configs/video_teacher.py writes it; pass
+``:teacher=DIR`` for another).
 
 Variants (experiments/video_motion.py runs them on the same budget):
 
@@ -40,7 +39,7 @@ def get_config(arg=None):
   c = _mnist_config(",".join(i for i in items if not i.startswith("teacher=")))
   runlocal = "runlocal" in items
   c.teacher.path = (teacher[0] if teacher else "") or assets.path("video_teacher")
-  c.train.batch_size = 8 if runlocal else 16
+  c.train.batch_size = 8                          # 512-token clips: ~5.5 s per phase step
   c.train.num_steps = 4 if runlocal else 200      # generator updates over all phases
   c.health.seeds = 2 if runlocal else 3          # noises per class; health also logs motion
   c.eval.num_samples = 20 if runlocal else 300   # classes in turn: 30 clips per class

@@ -111,6 +111,9 @@ def get_config(arg=None):
   c.generator.norm_floor = 1e-4
 
   c.fake = ml_collections.ConfigDict()     # full-parameter fake MoE pair per phase
+  c.fake.lora_rank = 0                     # > 0: shared backbone, a LoRA pair on the frozen
+  c.fake.lora_alpha = 8.0                  #   teacher experts (then raise fake.lr, e.g. 5e-5)
+  c.fake.lora_targets = c.generator.lora_targets
   c.fake.lr = 4e-7
   c.fake.b1 = 0.0
   c.fake.b2 = 0.999

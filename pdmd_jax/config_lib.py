@@ -177,8 +177,7 @@ def _validate_gmm(config):
 def _validate_network(config):
   """A trained network teacher (the DiT): LoRA or full-copy experts on it."""
   import os  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
-  t, g = config.teacher, config.generator
+  t = config.teacher
   if t.path and not os.path.exists(os.path.join(t.path, "card.json")):
     _fail("teacher.path", t.path, "'' (the shipped MNIST teacher) or a directory with card.json "
           "and params.safetensors (train one: python main.py --config=configs/mnist_teacher.py "
@@ -187,6 +186,12 @@ def _validate_network(config):
   for f in ("model.remat", "model.scan_layers"):
     if not isinstance(_get(config, f), bool):
       _fail(f, _get(config, f), [True, False])
+  _validate_lora(config)
+
+
+def _validate_lora(config):
+  """generator.lora_* and (shared-backbone option) fake.lora_*: rank >= 0, alpha > 0, a regex."""
+  import re  # pylint: disable=import-outside-toplevel
   for who in ("generator", "fake"):
     if who == "fake" and "lora_rank" not in config.fake:
       continue                 # full fake copies (configs without the shared-backbone option)
@@ -202,7 +207,6 @@ def _validate_network(config):
 
 def _validate_wan(config):
   """Wan2.2 A14B (or the random tiny Wan): MoE teacher, LoRA experts, latent video shapes."""
-  import re  # pylint: disable=import-outside-toplevel
   from pdmd_jax import wan_task  # pylint: disable=import-outside-toplevel
   from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
   needed = ("teacher.task", "teacher.path", "teacher.random", "teacher.seed", "teacher.boundary",
@@ -214,7 +218,7 @@ def _validate_wan(config):
   missing = [f for f in needed if not _has(config, f)]
   if missing:
     _fail("teacher.type", "wan", f"a config with every field of configs/wan22.py; missing {missing}")
-  t, g, d = config.teacher, config.generator, config.data
+  t, d = config.teacher, config.data
   _choice(config, "teacher.task", wan_task.TASKS)
   _choice(config, "teacher.route", teachers.ROUTES)
   for f in ("teacher.random", "model.scan_layers"):
@@ -228,13 +232,7 @@ def _validate_wan(config):
   _choice(config, "model.remat", tuple(wan.REMAT_POLICIES))
   for f in ("model.dtype", "model.param_dtype"):
     _choice(config, f, ("float32", "bfloat16"))
-  _positive(config, "generator.lora_rank", integer=True, minimum=0)
-  if g.lora_rank:
-    _positive(config, "generator.lora_alpha")
-    try:
-      re.compile(g.lora_targets)
-    except (re.error, TypeError) as e:
-      _fail("generator.lora_targets", g.lora_targets, f"a regular expression ({e})")
+  _validate_lora(config)
   for f in ("data.num_frames", "data.height", "data.width", "data.text_len",
             "data.random_prompts", "data.random_length", "eval.batch_size"):
     _positive(config, f, integer=True)

@@ -183,6 +183,13 @@ def wan_task_setup(config, *, num_frames: int | None = None, height: int | None 
       ttur=ttur or f.ttur, weighting=g.weighting, fake_target=f.target,
       clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       expert_apply=functools.partial(wan_task._experts_apply, apply, spec, owners))  # pylint: disable=protected-access
+  fake_init, fake_axes = (expert, expert), (axes, axes)
+  if f.get("lora_rank", 0) > 0:     # shared backbone: a LoRA pair on the frozen teacher experts
+    spec_f = lora_lib.LoraSpec(((f.lora_targets, f.lora_rank, f.lora_alpha),))
+    one = jax.eval_shape(lambda p: lora_lib.init(spec_f, p, jax.random.PRNGKey(1)), expert)
+    fake_init, fake_axes = (one, one), (sh.lora_axes(one, axes),) * 2
+    step_cfg = dataclasses.replace(step_cfg, fake_apply=functools.partial(
+        wan_task._fakes_apply, apply, spec_f, t.boundary, t.route))  # pylint: disable=protected-access
   cond = cfg.in_channels - cfg.out_channels
   emb_dtype = jnp.dtype(config.model.dtype)
 
@@ -196,7 +203,7 @@ def wan_task_setup(config, *, num_frames: int | None = None, height: int | None 
       y["condition"] = jax.random.normal(k3, (*shape,) + wan_task.latent_shape(cond, frames, h, w))
     return y
 
-  return Setup(step_cfg, (expert, expert), (expert, expert), expert_init, (axes, axes),
+  return Setup(step_cfg, (expert, expert), fake_init, expert_init, fake_axes,
                sh.lora_axes(expert_init, axes), (axes, axes), make_y,
                name=f"Wan2.2-{t.task.upper()}-A14B" + (f" ({cfg.num_layers} layers)"
                                                          if num_layers else ""))

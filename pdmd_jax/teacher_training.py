@@ -142,12 +142,29 @@ def make_iterator(config, cfg: dit_lib.DiTConfig):
   return moving_digits.make_iterator("train", tr.batch_size, seed=config.seed, **kw), "video"
 
 
+def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
+  """A video DiT's parameters initialised from the image DiT teacher in ``directory``."""
+  icfg, _, iparams, _ = load_teacher(directory)
+  if not cfg.video or icfg.video:
+    raise ValueError(f"train.init_from={directory!r}: inflation goes from an image DiT "
+                     f"(frames=1, got {icfg.frames}) to a video DiT (frames>1, got {cfg.frames})")
+  same = ("image_size", "channels", "patch", "hidden", "depth", "heads", "mlp_ratio",
+          "num_classes", "time_dim")
+  bad = [f"{k}: {getattr(icfg, k)} vs {getattr(cfg, k)}" for k in same
+         if getattr(icfg, k) != getattr(cfg, k)]
+  if bad:
+    raise ValueError(f"train.init_from={directory!r} does not match model ({', '.join(bad)})")
+  return dit_lib.inflate(iparams, cfg, params)
+
+
 def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
   os.makedirs(workdir, exist_ok=True)
   cfg = dit_config(config.model)
   net, params = models.build_dit(cfg, config.seed)
   tr = config.train
+  if tr.get("init_from"):        # image -> video inflation from a trained image DiT
+    params = inflate_from(tr.init_from, cfg, params)
   sched = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps, tr.num_steps,
                                              end_value=tr.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(tr.grad_clip),

@@ -16,6 +16,9 @@
   a point mass of (u* - u_1)/(1 - u_1) of the draws sits exactly on the boundary (u* =
   unshift_5(boundary): 1/6 for 0.875, 2/7 for 0.9; spec §7 item 9). ``floor_mode="resample"``
   draws u uniformly above u* instead (no point mass).
+- shared-backbone option (``fake.lora_rank`` > 0): each phase's fake is a (high, low) pair of
+  LoRA trees on the frozen teacher experts instead of full copies (``_fakes_apply``); set
+  ``fake.lr`` like a LoRA's (the paper's 4e-7 is for full weights).
 - generator experts: LoRA trees (``generator.lora_*``) on the teacher expert that owns the
   phase's grid times (phase 1 -> high noise, the last phase -> low noise); ``expert_apply``
   returns one apply per phase. A phase whose grid steps straddle the boundary is rejected by
@@ -467,7 +470,23 @@ def parts(config, sched) -> dict:  # pylint: disable=unused-argument
     spec = lora_lib.LoraSpec(((g.lora_targets, g.lora_rank, g.lora_alpha),))
     out["expert_init"] = lora_lib.init(spec, experts[0], jax.random.PRNGKey(config.seed + 7))
     out["expert_apply"] = functools.partial(_experts_apply, net.apply, spec, owners)
+  f = config.fake
+  if f.get("lora_rank", 0) > 0:   # shared backbone: a LoRA pair on the frozen teacher experts
+    spec = lora_lib.LoraSpec(((f.lora_targets, f.lora_rank, f.lora_alpha),))
+    key = jax.random.PRNGKey(config.seed + 11)
+    out["expert_init"] = out.get("expert_init", experts)       # full-copy experts stay full
+    out["init_params"] = tuple(lora_lib.init(spec, e, jax.random.fold_in(key, i))
+                               for i, e in enumerate(experts))
+    out["fake_apply"] = functools.partial(_fakes_apply, net.apply, spec, t.boundary, t.route)
   return out
+
+
+def _fakes_apply(apply, spec, boundary, route, teacher_params):
+  """Shared-backbone fakes: params (high LoRA, low LoRA), each on its frozen teacher expert and
+  routed by t like the teacher; no full expert copy or AdamW moments per phase."""
+  backbones = jax.lax.stop_gradient(teacher_params)
+  return teachers.moe_apply(_lora_apply(apply, spec, backbones[0]),
+                            _lora_apply(apply, spec, backbones[1]), boundary, route)
 
 
 def _uses_cfg(config) -> bool:

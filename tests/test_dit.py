@@ -59,6 +59,34 @@ def test_pos_embed_is_distinct_per_token():
   assert np.all(d[~np.eye(32, dtype=bool)] > 1e-3)
 
 
+@pytest.mark.parametrize("temporal_patch", [1, 2])
+def test_inflated_video_dit_is_the_image_dit_on_static_clips(temporal_patch):
+  icfg = dit.config_for("tiny")
+  inet, ip = models.build_dit(icfg)
+  ip = _perturbed(ip, seed=3)
+  vcfg = dataclasses.replace(icfg, frames=4, temporal_patch=temporal_patch)
+  vnet, vp = models.build_dit(vcfg, seed=1)
+  vp = dit.inflate(ip, vcfg, vp)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(k1, (3,) + icfg.sample_shape)
+  t, y = jnp.array([0.1, 0.5, 0.97]), jnp.array([0, 7, icfg.num_classes])
+  want = inet.apply(ip, x, t, y)
+  got = vnet.apply(vp, jnp.repeat(x[:, None], 4, axis=1), t, y)
+  assert float(jnp.abs(want).max()) > 0.1
+  np.testing.assert_allclose(got, jnp.repeat(want[:, None], 4, axis=1), atol=2e-5)
+  # frames that differ are not processed independently: attention mixes them
+  xs = jnp.repeat(x[:, None], 4, axis=1).at[:, 1:].add(jax.random.normal(k2, (3, 3) + x.shape[1:]))
+  assert float(jnp.abs(vnet.apply(vp, xs, t, y)[:, 0] - want).max()) > 1e-3
+
+
+def test_inflate_names_the_mismatched_field():
+  from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
+  vcfg = dit.config_for("tiny", frames=4, temporal_patch=2)   # the shipped image DiT is "small"
+  _, vp = models.build_dit(vcfg)
+  with pytest.raises(ValueError, match="hidden: 128 vs 32"):
+    teacher_training.inflate_from(None, vcfg, vp)
+
+
 def test_scan_over_layers_equals_the_loop():
   cfg = dit.config_for("tiny")
   net, p = models.build_dit(cfg)

@@ -309,3 +309,32 @@ def test_tiny_end_to_end(tmp_path):
   s = np.load(os.path.join(w, "samples_step2.npz"))
   assert s["samples"].shape == (2, 4, 2, 8, 8) and s["labels"].shape == (2,)
   assert set(s["labels"].tolist()) <= set(range(16))           # prompt indices
+
+
+def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
+  """fake.lora_rank > 0: each fake is (high LoRA, low LoRA) on the frozen teacher experts; at
+  init it is the teacher MoE, a LoRA changes only its expert's samples, and the fake gradient
+  of a low-noise sample reaches only the low LoRA."""
+  c = _config("tiny")
+  c.fake.lora_rank = 4
+  config_lib.validate(c)
+  parts = wan_task.parts(c, S.flow_matching())
+  hi, lo = parts["init_params"]
+  assert set(hi) == set(lo) and all(k.startswith("blocks.") for k in hi)
+  fake = parts["fake_apply"](parts["teacher_params"])
+  net = parts["net"]
+  y = parts["cond_fn"](jax.random.PRNGKey(0), (2,))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + parts["sample_shape"])
+  t = jnp.array([0.95, 0.5])                       # sample 0 -> high expert, 1 -> low
+  np.testing.assert_allclose(fake(parts["init_params"], x, t, y),
+                             net.apply(parts["teacher_params"], x, t, y), rtol=1e-5, atol=1e-5)
+  bump = jax.tree.map(lambda a: a + 0.1, hi)
+  moved = fake((bump, lo), x, t, y) - fake((hi, lo), x, t, y)
+  assert float(jnp.abs(moved[0]).max()) > 1e-3 and float(jnp.abs(moved[1]).max()) == 0.0
+  g_hi, g_lo = jax.grad(lambda p: jnp.sum(fake(p, x[1:], t[1:], jax.tree.map(
+      lambda a: a[1:], y)) ** 2))((hi, lo))
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_hi)) == 0.0
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_lo)) > 0.0
+  c.fake.lora_rank = -1
+  with pytest.raises(ValueError, match="fake.lora_rank"):
+    config_lib.validate(c)

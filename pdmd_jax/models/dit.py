@@ -157,6 +157,9 @@ class DiT(nnx.Module):
       self.blocks = make(rngs)
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    if cfg.video:   # learned per-frame encoding, zero at init (see ``pos_embed`` and ``inflate``)
+      self.frame_pos = nnx.Param(logical(nnx.initializers.zeros_init(), (None, "embed"))(
+          rngs.params(), (cfg.grid[0], d)))
     self.norm_out = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
     self.ada_out = _dense(d, 2 * d, ("embed", "mlp"), rngs, zero=True)
     self.out = _dense(d, self.patch_dim, ("embed", None), rngs, zero=True)
@@ -177,10 +180,21 @@ class DiT(nnx.Module):
     return einops.rearrange(x, "b (h w) (p r c) -> b (h p) (w r) c", h=g[0], w=g[1], p=c.patch,
                             r=c.patch, c=c.channels)
 
+  def pos_embed(self):
+    """[tokens, hidden] position encoding: the image DiT's 2-D sin-cos on every frame, plus (video)
+    a learned per-frame vector. Factorised so that an image DiT inflates into a video DiT that
+    computes the same function on static clips (``inflate``); the learned frame term, zero at
+    init, gives the model the frame order."""
+    cfg = self.cfg
+    pos = jnp.asarray(sincos_pos_embed(cfg.grid[-2:], cfg.hidden))
+    if not cfg.video:
+      return pos
+    return (self.frame_pos[...][:, None, :] + pos[None]).reshape(-1, cfg.hidden)
+
   def __call__(self, x, t, y):
     cfg = self.cfg
     c = self.t2(jax.nn.silu(self.t1(timestep_embedding(t, cfg.time_dim)))) + self.y_embed(y)
-    h = self.embed(self._patchify(x.astype(jnp.float32))) + sincos_pos_embed(cfg.grid, cfg.hidden)[None]
+    h = self.embed(self._patchify(x.astype(jnp.float32))) + self.pos_embed()[None]
     block_fn = (lambda blk, h, c: blk(h, c))
     if cfg.remat:
       block_fn = nnx.remat(block_fn)
@@ -195,3 +209,36 @@ class DiT(nnx.Module):
     shift, scale = jnp.split(self.ada_out(jax.nn.silu(c)), 2, -1)
     h = self.out(modulate(self.norm_out(h), shift, scale))
     return self._unpatchify(h).astype(x.dtype)
+
+
+def inflate(image_params, cfg: DiTConfig, video_params):
+  """Video DiT parameters initialised from an image DiT's (image-to-video inflation).
+
+  Every block, embedding and head weight is copied; the patch embedding of a ``q``-frame
+  space-time patch is the image kernel divided by q on each frame (it sees the frames' mean)
+  and the output head repeats the image prediction on each of the q frames; the per-frame
+  position term stays zero. On a static clip (the same noisy frame repeated) the inflated
+  model equals the image model frame by frame: attention over repeated keys is unchanged by the
+  repetition. ``video_params`` supplies the tree (e.g. a fresh ``build_dit(cfg)``).
+  """
+  q = cfg.temporal_patch
+  flat_img = dict(jax.tree_util.tree_flatten_with_path(image_params)[0])
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(video_params)
+  out = []
+  for path, v in leaves:
+    name = jax.tree_util.keystr(path)
+    if "frame_pos" in name:
+      out.append(jnp.zeros_like(v))
+      continue
+    if path not in flat_img:
+      raise ValueError(f"inflate: the image DiT has no parameter {name}")
+    w = jnp.asarray(flat_img[path])
+    if "['embed']['kernel']" in name:
+      w = jnp.concatenate([w / q] * q, axis=0)
+    elif "['out']" in name:
+      w = jnp.concatenate([w] * q, axis=-1)
+    if w.shape != v.shape:
+      raise ValueError(f"inflate: {name} has shape {w.shape} in the image DiT, {v.shape} in the "
+                       "video DiT (hidden, depth, heads, patch and image_size must match)")
+    out.append(w.astype(v.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
