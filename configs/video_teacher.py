@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.model.variant = "tiny" if a.runlocal else "small"
   c.model.patch = 4
   c.model.frames = 8
-  c.model.temporal_patch = 1             # 8 x 8 x 8 = 512 tokens (see the docstring)
+  c.model.temporal_patch = 2 if a.runlocal else 1   # 8 x 8 x 8 = 512 tokens (see the docstring)
   c.model.num_classes = 10
 
   c.train = ml_collections.ConfigDict()

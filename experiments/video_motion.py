@@ -41,6 +41,8 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these row ids (sgts, phased_sgts
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 300, "Clips per evaluation (classes in turn).")
+_CACHED = flags.DEFINE_bool("cached_only", False, "Only tabulate runs already in --workroot "
+                            "(e.g. after an interrupted sweep); missing runs are skipped.")
 
 # (row id, row name, config variant)
 ROWS = [
@@ -71,6 +73,8 @@ def run_one(row_id, variant, steps, seed):
   workdir = os.path.join(_WORK.value, f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     return json.load(open(os.path.join(workdir, "metrics.json"))), workdir
+  if _CACHED.value:
+    return None, workdir
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   ref = os.path.join(_WORK.value, "teacher_reference")   # the teacher's clips, shared
@@ -98,6 +102,8 @@ def main(argv):
   for seed in map(int, _SEEDS.value):     # seed-major: every row has a run before any has two
     for row_id, name, variant in rows:
       out, workdir = run_one(row_id, variant, _STEPS.value, seed)
+      if out is None:
+        continue
       results.setdefault(name, []).append(out)
       print(f"{name} seed {seed}: flow {out['student/mean_flow']:.3f} (teacher "
             f"{out['teacher/mean_flow']:.3f}) dynamic {out['student/dynamic_degree']:.3f} "
@@ -137,7 +143,9 @@ def write_table(results):
   header = (f"# Moving digits (video DiT teacher): motion after distillation, {_STEPS.value} "
             f"generator updates per run (TTUR 5, batch {_BATCH.value}, LoRA rank 16, CFG 3)\n\n"
             "Command: `python experiments/video_motion.py --seeds=" + ",".join(_SEEDS.value) +
-            f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}`. mean ± std "
+            f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}`"
+            + (" (an interrupted sweep, tabulated with --cached_only: the seeds column counts the "
+               "runs that finished)" if _CACHED.value else "") + ". mean ± std "
             f"over seeds; each run draws the same {_EVAL.value} clips ({_EVAL.value // 10} per class, "
             "8 frames of 32x32) from the same noise and labels as the teacher's "
             "32-step reference. optical flow: ink-weighted mean Farneback flow magnitude between "

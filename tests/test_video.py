@@ -98,6 +98,9 @@ def test_shipped_video_teacher_reproduces_its_card():
   assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.03)
   for k in ("mean_flow", "feature_cosine", "pixel_l2"):
     assert got[k] == pytest.approx(want[k], rel=0.03), k
-  # the teacher moves its digits about as fast as the data does
-  real = video_metrics.video_report(*video_metrics.real_clips(card["data"], 300))
+  # a teacher worth distilling: digits a classifier reads on most frames, moving about as fast
+  # as the data's (real 24-px clips: accuracy 0.98, 1.30 px/frame)
+  real = video_metrics.video_report(*video_metrics.real_clips(card["data"], 300),
+                                    sprite_size=card["data"]["sprite_size"])
+  assert card["metrics"]["accuracy"] >= 0.8 and real["accuracy"] >= 0.95
   assert card["metrics"]["mean_flow"] == pytest.approx(real["mean_flow"], rel=0.25)
