@@ -35,9 +35,7 @@ from jax.profiler import ProfileData
 
 from benchmarks import common
 from benchmarks import step_time
-from pdmd_jax import plan
 from pdmd_jax import train_step as ts
-from pdmd_jax.models import dit
 
 FLAGS = flags.FLAGS   # --runs --batch --ttur --phase --write: step_time.py's flags
 
@@ -152,15 +150,8 @@ def top(per_op: dict, is_matmul, n: int = 6) -> str:
 
 def main(argv):
   del argv
-  torch.manual_seed(0)
-  dit_cfg = dit.config_for("small", patch=4)
-  setup = plan.dit_setup(dit_cfg, method="phased_dmd_sgts", num_steps=4, num_phases=2,
-                         lora_rank=16, ttur=FLAGS.ttur, guidance=3.0, gen_lr=3e-4, fake_lr=1e-4,
-                         weighting="dmd_normalized")
+  setup, state0, ys, model = step_time.build(FLAGS.ttur, FLAGS.batch)
   cfg, k, batch_size = setup.step_cfg, FLAGS.phase, FLAGS.batch
-  state0 = jax.device_get(plan.initial_state(setup))
-  ys = setup.make_y(jax.random.PRNGKey(1), (cfg.ttur + 1, batch_size))
-  model = step_time.torch_model(setup, state0, dit_cfg, lora_scale=1.0)
   noise = step_time.jax_noise(cfg, k, state0.rng, int(state0.step), batch_size)
   y_t = torch.from_numpy(np.array(ys)).long()
 

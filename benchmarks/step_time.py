@@ -76,17 +76,22 @@ def _max_diff(a_tree, b_flat) -> tuple[float, float]:
   return d, m
 
 
-def main(argv):
-  del argv
+def build(ttur: int, batch_size: int):
+  """The benchmarked step's setup, initial state, labels and the matching PyTorch model."""
   torch.manual_seed(0)
   dit_cfg = dit.config_for("small", patch=4)
   setup = plan.dit_setup(dit_cfg, method="phased_dmd_sgts", num_steps=4, num_phases=2,
-                         lora_rank=16, ttur=FLAGS.ttur, guidance=3.0, gen_lr=3e-4, fake_lr=1e-4,
+                         lora_rank=16, ttur=ttur, guidance=3.0, gen_lr=3e-4, fake_lr=1e-4,
                          weighting="dmd_normalized")
-  cfg, k, batch_size = setup.step_cfg, FLAGS.phase, FLAGS.batch
   state0 = jax.device_get(plan.initial_state(setup))
-  ys = setup.make_y(jax.random.PRNGKey(1), (cfg.ttur + 1, batch_size))
-  model = torch_model(setup, state0, dit_cfg, lora_scale=1.0)
+  ys = setup.make_y(jax.random.PRNGKey(1), (setup.step_cfg.ttur + 1, batch_size))
+  return setup, state0, ys, torch_model(setup, state0, dit_cfg, lora_scale=1.0)
+
+
+def main(argv):
+  del argv
+  setup, state0, ys, model = build(FLAGS.ttur, FLAGS.batch)
+  cfg, k, batch_size = setup.step_cfg, FLAGS.phase, FLAGS.batch
 
   # ---- parity: one phase step from the same weights and noise
   fn = ts.jit_phase_step(cfg, k)
