@@ -9,7 +9,10 @@ and 6: optical flow, dynamic degree, FD to the teacher, diversity; mean ± std o
 ``video.json`` (every run) and ``video_strips.gif`` / ``.png``: the same seeds side by side
 (rows = teacher, then each method; columns = clips of classes 0..9).
 
-  python experiments/video_motion.py --seeds=0,1,2 --steps=200
+  python experiments/video_motion.py            # 3 seeds x 3 methods, ~8 min per run
+
+Then, for the first seed, ``--by_phase`` attributes each run's motion loss to the high- and
+low-noise halves of its sampler (``motion_by_phase``).
 """
 
 from __future__ import annotations
@@ -29,18 +32,22 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import sampling  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
+from pdmd_jax.evaluation import image_eval  # noqa: E402
 from pdmd_jax.evaluation import motion_metrics  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (LoRA init, noise, t, labels).")
-_STEPS = flags.DEFINE_integer("steps", 200, "Generator updates per run (all methods).")
+_STEPS = flags.DEFINE_integer("steps", 120, "Generator updates per run (all methods).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_video_motion", "Scratch workdirs.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these row ids (sgts, phased_sgts, phased).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
-_BATCH = flags.DEFINE_integer("batch", 16, "Batch size of every run.")
-_EVAL = flags.DEFINE_integer("eval_samples", 300, "Clips per evaluation (classes in turn).")
+_BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
+_EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
+_BY_PHASE = flags.DEFINE_bool("by_phase", True, "Attribute the first seed's motion loss to the "
+                               "high- and low-noise halves of the sampler (motion_by_phase).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Only tabulate runs already in --workroot "
                             "(e.g. after an interrupted sweep); missing runs are skipped.")
 
@@ -63,14 +70,19 @@ def _load_config(variant):
   return mod.get_config(variant + (f",teacher={_TEACHER.value}" if _TEACHER.value else ""))
 
 
-def run_one(row_id, variant, steps, seed):
+def _run_config(row_id, variant, steps, seed):
+  """(config, workdir) of one run of the sweep."""
   config = _load_config(f"{variant},seed={seed}")
   config.train.num_steps = steps
   config.train.ckpt_every = steps
   config.train.batch_size = _BATCH.value
   config.eval.num_samples = _EVAL.value
   config.health.seeds = 2          # in-loop monitoring only (not in the table): 20 clips per check
-  workdir = os.path.join(_WORK.value, f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
+  return config, os.path.join(_WORK.value, f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
+
+
+def run_one(row_id, variant, steps, seed):
+  config, workdir = _run_config(row_id, variant, steps, seed)
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     return json.load(open(os.path.join(workdir, "metrics.json"))), workdir
   if _CACHED.value:
@@ -112,23 +124,81 @@ def main(argv):
         strips[name] = np.load(os.path.join(workdir, "samples_final.npy"))[:10]
         strips.setdefault("teacher", _teacher_clips(workdir))
       write_table(results)
+  extra = ""
   if strips:
     order = ["teacher"] + [n for _, n, _ in ROWS if n in strips]
     motion_metrics.save_video_strip(np.concatenate([strips[n] for n in order]).astype(np.float32),
                                     os.path.join(_OUT.value, "video_strips"), ncols=10, scale=3,
                                     mp4=False)
-    with open(os.path.join(_OUT.value, "video.md"), "a") as f:
-      f.write("\nSame noise and labels side by side (seed 0): [video_strips.gif](video_strips.gif) "
+    extra += ("\nSame noise and labels side by side (seed 0): [video_strips.gif](video_strips.gif) "
               "(rows: " + ", ".join(order) + "; columns: classes 0-9); "
               "[video_strips.png](video_strips.png) has each clip's frames along a row.\n")
+  if _BY_PHASE.value and results:
+    seed = int(_SEEDS.value[0])
+    table = [{"method": name, **_by_phase_row(
+        motion_by_phase(row_id, variant, _STEPS.value, seed))}
+             for row_id, name, variant in rows if name in results]
+    extra += (f"\n## Where the motion goes (seed {seed})\n\nflow / teacher of the same clips "
+              "when the run's experts take only part of the 4-step grid and the teacher's fine "
+              "Euler the rest (`sampling.mixed_sample`): high-noise half = the experts from t = 1 to "
+              "0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the teacher to "
+              "t = 0.75, then the experts. fast quarter: the same ratio on the clips where the "
+              "teacher moves fastest (top 25% of its flow).\n\n"
+              + gmm_metrics.markdown_table(table, ["method"] + list(_BY_PHASE_COLS)))
+  write_table(results, extra)
+
+
+_BY_PHASE_COLS = {"all": "all 4 steps distilled", "high": "high-noise half only",
+                  "low": "low-noise half only", "all_fast": "all 4, fast quarter",
+                  "high_fast": "high half, fast quarter", "low_fast": "low half, fast quarter"}
+
+
+def _by_phase_row(d):
+  return {label: d[k] for k, label in _BY_PHASE_COLS.items()}
+
+
+def motion_by_phase(row_id, variant, steps, seed):
+  """Where a finished run loses motion: flow / teacher when only part of its sampler is distilled.
+
+  The eval noise and labels are sampled with the run's experts on every grid step ("all"), on
+  the high-noise half of the grid only (t = 1 -> 0.75, phase 0 of the 2-phase plan; the teacher's
+  fine Euler below) and on the low-noise half only (the teacher's fine Euler above). Also the
+  ratio on the teacher's fastest quarter of clips. Cached as ``by_phase.json`` in the workdir.
+  """
+  config, workdir = _run_config(row_id, variant, steps, seed)
+  path = os.path.join(workdir, "by_phase.json")
+  if os.path.exists(path):
+    return json.load(open(path))
+  run, state = trainer.restore_latest(config, workdir)
+  z, labels = image_eval.inputs(run)
+  teacher_flow = motion_metrics.clip_motion(np.load(os.path.join(workdir, _teacher_file(workdir))))["flow"]
+  fast = teacher_flow >= np.quantile(teacher_flow, 0.75)
+  n, half = run.plan.num_steps, run.plan.num_steps // 2
+  out = {}
+  for key, use in (("all", (False,) * n), ("high", (False,) * half + (True,) * (n - half)),
+                   ("low", (True,) * half + (False,) * (n - half))):
+    fn = jax.jit(lambda e, tp, z, y, use=use: sampling.mixed_sample(
+        run.plan, run.step_cfg.experts_apply(tp), e, run.teacher, tp, z, y, use_teacher=use,
+        substeps=config.eval.teacher_substeps, shift_value=config.shift)[-1])
+    x = image_eval._batches(lambda zb, yb, fn=fn: fn(state.experts, run.teacher_params, zb, yb),  # pylint: disable=protected-access
+                            z, labels, 50)
+    flow = motion_metrics.clip_motion(x)["flow"]
+    out[key] = float(flow.mean() / teacher_flow.mean())
+    out[key + "_fast"] = float(flow[fast].mean() / teacher_flow[fast].mean())
+  json.dump(out, open(path, "w"), indent=1)
+  return out
+
+
+def _teacher_file(workdir):
+  return next(f for f in os.listdir(workdir) if f.startswith("teacher_samples_n") and f.endswith(".npy"))
 
 
 def _teacher_clips(workdir):
-  name = next(f for f in os.listdir(workdir) if f.startswith("teacher_samples_n") and f.endswith(".npy"))
-  return np.load(os.path.join(workdir, name))[:10].astype(np.float16)
+  return np.load(os.path.join(workdir, _teacher_file(workdir)))[:10].astype(np.float16)
 
 
-def write_table(results):
+def write_table(results, extra=""):
+  """Writes video.md (keeping its hand-written "## Reading" section, if any) and video.json."""
   first = next(iter(results.values()))[0]
   teacher = {"method": "teacher (32-step Euler, CFG 3; reference)", "steps": 32,
              "seeds": 1, **{label: [first[f"teacher/{k}"]]
@@ -158,8 +228,12 @@ def write_table(results):
             f"to {_EVAL.value} real held-out clips; feat. cosine: same-class pairwise cosine of clip features "
             "(higher = less diverse); pixel L2: same-class pairwise clip distance; ms / step: "
             "median phase step (TTUR fake updates + generator update), 2 CPU cores.\n\n")
-  with open(os.path.join(_OUT.value, "video.md"), "w") as f:
-    f.write(header + gmm_metrics.markdown_table(rows, cols))
+  path = os.path.join(_OUT.value, "video.md")
+  old = open(path).read() if os.path.exists(path) else ""
+  reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+  with open(path + ".tmp", "w") as f:
+    f.write(header + gmm_metrics.markdown_table(rows, cols) + extra + reading)
+  os.replace(path + ".tmp", path)
   with open(os.path.join(_OUT.value, "video.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
 

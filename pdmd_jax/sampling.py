@@ -49,15 +49,39 @@ def fine_grid(grid, substeps: int, shift_value: float) -> tuple[np.ndarray, list
 def teacher_sample(teacher: teachers.Teacher, teacher_params, plan: methods.PhasePlan, z, y, *,
                    substeps: int, shift_value: float):
   """Many-step Euler with the (guided) teacher; returns its states at the plan's grid times."""
+  return mixed_sample(plan, None, None, teacher, teacher_params, z, y,
+                      use_teacher=(True,) * plan.num_steps, substeps=substeps,
+                      shift_value=shift_value)
+
+
+def mixed_sample(plan: methods.PhasePlan, apply, experts, teacher: teachers.Teacher,
+                 teacher_params, z, y, *, use_teacher, substeps: int, shift_value: float):
+  """Grid interval i by the teacher (``substeps`` fine Euler steps) if ``use_teacher[i]``, else
+  by the distilled expert that owns it (one Euler step). Returns the states at the grid times.
+
+  All-expert is ``few_step_sample``, all-teacher is ``teacher_sample``; mixtures attribute a
+  property of the samples (e.g. motion) to the phases: (expert, expert, teacher, teacher) keeps
+  only the high-noise experts, (teacher, teacher, expert, expert) only the low-noise ones.
+  """
+  if len(use_teacher) != plan.num_steps:
+    raise ValueError(f"use_teacher has {len(use_teacher)} entries; the plan has "
+                     f"{plan.num_steps} grid steps")
   times, marks = fine_grid(plan.grid, substeps, shift_value)
   ts = jnp.asarray(times, jnp.float32)
+  route = plan.expert_of_step()
 
   def body(i, x):
     v = teacher.velocity(teacher_params, x, jnp.full((x.shape[0],), ts[i]), y)
     return S.euler_step(x, ts[i], ts[i + 1], v)
 
   traj, x = [z], z
-  for a, b in zip(marks[:-1], marks[1:]):
-    x = jax.lax.fori_loop(a, b, body, x)
+  for i, (a, b) in enumerate(zip(marks[:-1], marks[1:])):
+    if use_teacher[i]:
+      x = jax.lax.fori_loop(a, b, body, x)
+    else:
+      t, t_next = plan.grid[i], plan.grid[i + 1]
+      v = rollout.apply_of(apply, route[i])(
+          experts[route[i]], x, jnp.full((x.shape[0],), t, jnp.float32), y)
+      x = S.euler_step(x, t, t_next, v)
     traj.append(x)
   return traj
