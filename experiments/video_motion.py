@@ -144,7 +144,7 @@ def main(argv):
               "0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the teacher to "
               "t = 0.75, then the experts. fast quarter: the same ratio on the clips where the "
               "teacher moves fastest (top 25% of its flow).\n\n"
-              + gmm_metrics.markdown_table(table, ["method"] + list(_BY_PHASE_COLS)))
+              + gmm_metrics.markdown_table(table, ["method"] + list(_BY_PHASE_COLS.values())))
   write_table(results, extra)
 
 
