@@ -22,12 +22,17 @@ def few_step_sample(plan: methods.PhasePlan, apply, experts, z, y):
   """Returns the trajectory [x_{t_0} = z, x_{t_1}, ..., x_{t_N}] (a list of N + 1 arrays)."""
   x, traj = z, [z]
   route = plan.expert_of_step()
-  for i, (t, t_next) in enumerate(zip(plan.grid[:-1], plan.grid[1:])):
-    t_vec = jnp.full((x.shape[0],), t, jnp.float32)
-    v = rollout.apply_of(apply, route[i])(experts[route[i]], x, t_vec, y)
-    x = S.euler_step(x, t, t_next, v)
+  for i in range(plan.num_steps):
+    x = _expert_step(plan, route, apply, experts, i, x, y)
     traj.append(x)
   return traj
+
+
+def _expert_step(plan, route, apply, experts, i: int, x, y):
+  """Grid step i (t_i -> t_{i+1}) by one Euler step of the expert that owns it."""
+  t, t_next = plan.grid[i], plan.grid[i + 1]
+  v = rollout.apply_of(apply, route[i])(experts[route[i]], x, jnp.full((x.shape[0],), t, jnp.float32), y)
+  return S.euler_step(x, t, t_next, v)
 
 
 def fine_grid(grid, substeps: int, shift_value: float) -> tuple[np.ndarray, list[int]]:
@@ -76,12 +81,7 @@ def mixed_sample(plan: methods.PhasePlan, apply, experts, teacher: teachers.Teac
 
   traj, x = [z], z
   for i, (a, b) in enumerate(zip(marks[:-1], marks[1:])):
-    if use_teacher[i]:
-      x = jax.lax.fori_loop(a, b, body, x)
-    else:
-      t, t_next = plan.grid[i], plan.grid[i + 1]
-      v = rollout.apply_of(apply, route[i])(
-          experts[route[i]], x, jnp.full((x.shape[0],), t, jnp.float32), y)
-      x = S.euler_step(x, t, t_next, v)
+    x = (jax.lax.fori_loop(a, b, body, x) if use_teacher[i]
+         else _expert_step(plan, route, apply, experts, i, x, y))
     traj.append(x)
   return traj

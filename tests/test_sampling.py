@@ -25,8 +25,8 @@ def test_mixed_sampler_reduces_to_the_pure_samplers_and_composes():
   teacher, apply, plan, z, y, experts = _toy()
   kw = dict(substeps=3, shift_value=3.0)
   tp = jnp.float32(-0.7)
-  mixed = lambda use, z0=z: sampling.mixed_sample(plan, apply, experts, teacher, tp, z0, y,
-                                                  use_teacher=use, **kw)
+  mixed = lambda use: sampling.mixed_sample(plan, apply, experts, teacher, tp, z, y,
+                                           use_teacher=use, **kw)
   few = sampling.few_step_sample(plan, apply, experts, z, y)
   ref = sampling.teacher_sample(teacher, tp, plan, z, y, **kw)
   for a, b in zip(mixed((False,) * 4), few):
