@@ -47,9 +47,9 @@ def jax_noise(cfg: ts.StepConfig, k: int, rng, step: int, batch: int) -> list[tr
     if phase.grad_mode == "sgts" and phase.num_steps > 1:
       stop = int(jax.random.randint(ks, (), 0, phase.num_steps))
     t = lambda a: torch.from_numpy(np.array(a))
-    out.append(tr.Noise(z=t(jax.random.normal(kz, (batch,) + cfg.dim)), stop=stop,
+    out.append(tr.Noise(z=t(jax.random.normal(kz, (batch,) + cfg.sample_shape)), stop=stop,
                         t=t(phase.t_sampler(kt, (batch,))),
-                        eps=t(jax.random.normal(ke, (batch,) + cfg.dim))))
+                        eps=t(jax.random.normal(ke, (batch,) + cfg.sample_shape))))
   return out
 
 

@@ -131,7 +131,7 @@ def dit_setup(dit_cfg, *, method: str = "phased_dmd_sgts", num_steps: int = 4,
       expert_init = params
   gen_tx, fake_tx = _txs(gen_lr, fake_lr)
   cfg = ts.StepConfig(plan=_plan(method, num_steps, num_phases, shift), apply=apply,
-                      teacher=teacher, sched=S.flow_matching(), dim=dit_cfg.sample_shape,
+                      teacher=teacher, sched=S.flow_matching(), sample_shape=dit_cfg.sample_shape,
                       gen_tx=gen_tx, fake_tx=fake_tx, ttur=ttur, weighting=weighting,
                       expert_apply=expert_apply, fake_apply=fake_apply)
   make_y = lambda key, shape: jax.random.randint(key, shape, 0, dit_cfg.num_classes)
@@ -177,7 +177,7 @@ def wan_task_setup(config, *, num_frames: int | None = None, height: int | None 
   step_cfg = ts.StepConfig(
       plan=plan, apply=teachers.moe_apply(apply, apply, t.boundary, t.route), teacher=teacher,
       sched=S.get_schedule(config.schedule),
-      dim=wan_task.latent_shape(cfg.out_channels, frames, h, w),
+      sample_shape=wan_task.latent_shape(cfg.out_channels, frames, h, w),
       gen_tx=ts.make_optimizer(g.lr, g.b1, g.b2, g.weight_decay, g.grad_clip),
       fake_tx=ts.make_optimizer(f.lr, f.b1, f.b2, f.weight_decay, f.grad_clip),
       ttur=ttur or f.ttur, weighting=g.weighting, fake_target=f.target,
@@ -468,7 +468,7 @@ def main(argv):
   batch = f.batch or mesh.shape["data"] * mesh.shape["fsdp"]
   r = compile_phase_step(setup, k, mesh, batch, count_flops=f.flops)
   title = (f"{setup.name}: {c.plan.method} {c.plan.num_steps} steps {c.plan.num_phases} phases, "
-           f"phase {k + 1}; batch {batch}, TTUR {c.ttur}, sample {c.dim}")
+           f"phase {k + 1}; batch {batch}, TTUR {c.ttur}, sample {c.sample_shape}")
   print(format_report(r, mesh, title))
   sys.stdout.flush()
 

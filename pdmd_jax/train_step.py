@@ -78,7 +78,7 @@ class StepConfig:
   apply: Any                      # apply(params, x, t, y) of the fake scores (and full-copy experts)
   teacher: teachers.Teacher
   sched: S.Schedule
-  dim: tuple[int, ...]            # sample shape without the batch axis
+  sample_shape: tuple[int, ...]   # one sample's shape (no batch axis)
   gen_tx: optax.GradientTransformation
   fake_tx: optax.GradientTransformation
   ttur: int = 5
@@ -121,7 +121,7 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
   """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13)."""
   phase = cfg.plan.phases[k]
   keys = _keys(key)
-  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.dim)
+  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.sample_shape)
   x_s, _ = rollout.phase_sample(cfg.plan, k, cfg.experts_apply(teacher_params), state.experts,
                                 state.experts[k], z, y, keys["stop"])
   x_s = sg(x_s)
@@ -145,7 +145,7 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   """One update of expert k with the phase-k DMD gradient (Eq. 10), teacher and fake frozen."""
   phase = cfg.plan.phases[k]
   keys = _keys(key)
-  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.dim)
+  z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.sample_shape)
   fake = sg(state.fakes[k])
 
   def loss_fn(p):

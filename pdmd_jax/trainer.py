@@ -113,7 +113,7 @@ def build(config, workdir: str | None = None, devices=None) -> Run:
   gen_tx = ts.make_optimizer(g.lr, g.b1, g.b2, g.weight_decay, g.grad_clip)
   fake_tx = ts.make_optimizer(f.lr, f.b1, f.b2, f.weight_decay, f.grad_clip)
   step_cfg = ts.StepConfig(plan=plan, apply=parts["net"].apply, teacher=parts["teacher"],
-                           sched=sched, dim=parts["sample_shape"], gen_tx=gen_tx, fake_tx=fake_tx,
+                           sched=sched, sample_shape=parts["sample_shape"], gen_tx=gen_tx, fake_tx=fake_tx,
                            ttur=f.ttur, weighting=g.weighting, fake_target=f.target,
                            clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
                            expert_apply=parts.get("expert_apply"),
