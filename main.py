@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from pdmd_jax import config_lib
+from pdmd_jax import validation
 from pdmd_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
@@ -43,7 +43,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config.get("job") != "teacher":
     try:   # a bad field or missing weights: the message, not a traceback, before compiling
-      config_lib.validate(config)
+      validation.validate(config)
     except (ValueError, FileNotFoundError) as e:
       print(f"Configuration error: {e}", file=sys.stderr)
       sys.exit(2)

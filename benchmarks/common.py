@@ -41,3 +41,18 @@ def timed(fn, *args):
   t0 = time.perf_counter()
   out = fn(*args)
   return out, time.perf_counter() - t0
+
+
+def dit_assembly(arch, *, method: str, steps: int, phases: int, lora_rank: int = 16,
+                 ttur: int = 1, batch: int = 32, fake_lora_rank: int = 0,
+                 abstract: bool = True):
+  """The trainer's assembly of a random DiT teacher of ``arch`` (configs/mnist.py settings:
+  CFG 3, shift 3, AdamW (0, 0.999), clip 1, dmd_normalized) on one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from pdmd_jax import assembly  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.families import dit as dit_family  # pylint: disable=import-outside-toplevel
+  c = dit_family.random_config(arch, f"method={method},steps={steps},phases={phases}", {
+      "generator.lora_rank": lora_rank, "generator.lora_alpha": float(lora_rank),
+      "fake.lora_rank": fake_lora_rank, "fake.lora_alpha": float(max(fake_lora_rank, 1)),
+      "fake.ttur": ttur, "train.batch_size": batch, "mesh.data": 1})
+  return assembly.build(c, devices=jax.devices()[:1], abstract=abstract)

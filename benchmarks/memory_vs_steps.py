@@ -19,7 +19,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import common
-from pdmd_jax import plan
+from pdmd_jax import assembly
 from pdmd_jax import train_step as ts
 from pdmd_jax.models import dit
 
@@ -31,16 +31,15 @@ FLAGS = flags.FLAGS
 
 
 def generator_temp_bytes(method: str, n: int, batch: int) -> dict:
-  setup = plan.dit_setup(dit.config_for("small", patch=4), abstract=True, method=method,
-                         num_steps=n, num_phases=n if method == "phased_dmd" else 1,
-                         lora_rank=16, ttur=1, guidance=3.0)
-  cfg = setup.step_cfg
+  asm = common.dit_assembly(dit.config_for("small", patch=4), method=method, steps=n,
+                            phases=n if method == "phased_dmd" else 1, batch=batch)
+  cfg = asm.step_cfg
   k = cfg.plan.num_phases - 1
-  y = jax.eval_shape(lambda key: setup.make_y(key, (batch,)), jax.random.PRNGKey(0))
+  y = jax.eval_shape(lambda key: asm.family.sample_cond(key, (batch,)), jax.random.PRNGKey(0))
   key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
   fn = jax.jit(functools.partial(ts.generator_step, cfg, k))
-  compiled = fn.lower(plan.abstract_state(setup), setup.teacher_params, y, key).compile()
-  return plan.memory(compiled)
+  compiled = fn.lower(asm.abstract_state(), asm.teacher_params(), y, key).compile()
+  return assembly.memory(compiled)
 
 
 def _plot(results, steps, path):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
-from pdmd_jax import plan
+from pdmd_jax import aot as plan
 from pdmd_jax import train_step as ts
 from pdmd_jax.models import dit
 
@@ -57,23 +57,23 @@ def main(argv):
   rows = ["| batch | XLA FLOPs / step | matmul FLOPs / step | median step (s) | achieved GFLOP/s "
           "| MFU |", "|---|---|---|---|---|---|"]
   for batch in map(int, FLAGS.batches):
-    setup = plan.dit_setup(dit_cfg, method="phased_dmd", num_steps=4, num_phases=4,
-                           lora_rank=16, ttur=1, guidance=3.0)
-    cfg = setup.step_cfg
+    asm = common.dit_assembly(dit_cfg, method="phased_dmd", steps=4, phases=4, batch=batch,
+                              abstract=False)
+    cfg = asm.step_cfg
     k = cfg.plan.num_phases - 1
-    state = plan.initial_state(setup)
-    batch_y = {"y": setup.make_y(jax.random.PRNGKey(1), (cfg.ttur + 1, batch))}
-    compiled = ts.jit_phase_step(cfg, k).lower(state, setup.teacher_params, batch_y).compile()
+    state, teacher = asm.initial_state(), asm.teacher_params()
+    batch_y = asm.batch_fn()(0)
+    compiled = asm.lower(k, state, teacher, batch_y).compile()   # the trainer's step
     flops = plan.xla_flops(compiled)
-    mm, whiles = plan.matmul_flops(lambda *a: ts.phase_step(cfg, k, *a), state,
-                                   setup.teacher_params, batch_y)
+    mm, whiles = plan.matmul_flops(lambda *a: ts.phase_step(cfg, k, *a), state, teacher,
+                                   batch_y)
     assert whiles == 0
-    state, m = compiled(state, setup.teacher_params, batch_y)   # warm-up
+    state, m = compiled(state, teacher, batch_y)   # warm-up
     jax.block_until_ready((state, m))
     times = []
     for _ in range(FLAGS.runs):
       t0 = time.perf_counter()
-      state, m = compiled(state, setup.teacher_params, batch_y)
+      state, m = compiled(state, teacher, batch_y)
       jax.block_until_ready((state, m))
       times.append(time.perf_counter() - t0)
     t = statistics.median(times)

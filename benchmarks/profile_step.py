@@ -150,14 +150,14 @@ def top(per_op: dict, is_matmul, n: int = 6) -> str:
 
 def main(argv):
   del argv
-  setup, state0, ys, model = step_time.build(FLAGS.ttur, FLAGS.batch)
-  cfg, k, batch_size = setup.step_cfg, FLAGS.phase, FLAGS.batch
+  asm, state0, ys, model = step_time.build(FLAGS.ttur, FLAGS.batch)
+  cfg, k, batch_size = asm.step_cfg, FLAGS.phase, FLAGS.batch
   noise = step_time.jax_noise(cfg, k, state0.rng, int(state0.step), batch_size)
   y_t = torch.from_numpy(np.array(ys)).long()
 
-  compiled = ts.jit_phase_step(cfg, k).lower(state0, setup.teacher_params, {"y": ys}).compile()
+  compiled = ts.jit_phase_step(cfg, k).lower(state0, asm.family.teacher_params, {"y": ys}).compile()
   matmul_ops = hlo_matmul_ops(compiled.as_text())
-  teacher, batch = jax.device_put(setup.teacher_params), jax.device_put({"y": ys})
+  teacher, batch = jax.device_put(asm.family.teacher_params), jax.device_put({"y": ys})
   make_args = lambda: (jax.device_put(state0), teacher, batch)   # every run: the same work
   jax.block_until_ready(compiled(*make_args()))                  # warm-up
   model.phase_step(k, y_t, noise)

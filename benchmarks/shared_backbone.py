@@ -12,14 +12,11 @@ Generator experts are LoRA r16 in both columns; 4-step 4-phase Phased DMD (the m
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from absl import app, flags
 
 from benchmarks import common
-from pdmd_jax import plan
-from pdmd_jax import train_step as ts
+from pdmd_jax import assembly
 from pdmd_jax.models import dit
 
 flags.DEFINE_integer("batch", 32, "Batch size.")
@@ -36,17 +33,13 @@ MODELS = [("DiT small (MNIST teacher)", dict(variant="small", patch=4)),
 def measure(model: dict, fake_rank: int) -> dict:
   kw = dict(model)
   cfg = dit.config_for(kw.pop("variant"), **kw)
-  setup = plan.dit_setup(cfg, abstract=True, method="phased_dmd", num_steps=4, num_phases=4,
-                         lora_rank=16, ttur=1, fake_lora_rank=fake_rank)
-  c = setup.step_cfg
-  k = c.plan.num_phases - 1
-  state = plan.abstract_state(setup)
-  y = plan.abstract_y(setup, c.ttur + 1, FLAGS.batch)
-  fn = jax.jit(functools.partial(ts.phase_step, c, k), donate_argnums=(0,))
-  out = plan.memory(fn.lower(state, setup.teacher_params, {"y": y}).compile())
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  out["fakes"] = nbytes((state.fakes, state.fake_opt))
-  out["state"] = nbytes(state)
+  asm = common.dit_assembly(cfg, method="phased_dmd", steps=4, phases=4, batch=FLAGS.batch,
+                            fake_lora_rank=fake_rank)
+  k = asm.plan.num_phases - 1
+  state = asm.abstract_state()
+  out = assembly.memory(asm.lower(k).compile())   # the trainer's step
+  out["fakes"] = assembly.num_bytes((state.fakes, state.fake_opt))
+  out["state"] = assembly.num_bytes(state)
   return out
 
 

@@ -24,7 +24,6 @@ from absl import app, flags
 
 from benchmarks import common
 from benchmarks import torch_reference as tr
-from pdmd_jax import plan
 from pdmd_jax import train_step as ts
 from pdmd_jax.models import dit
 
@@ -53,14 +52,14 @@ def jax_noise(cfg: ts.StepConfig, k: int, rng, step: int, batch: int) -> list[tr
   return out
 
 
-def torch_model(setup: plan.Setup, state, dit_cfg, lora_scale: float) -> tr.PhasedDMD:
-  cfg = setup.step_cfg
+def torch_model(asm, state, dit_cfg, lora_scale: float) -> tr.PhasedDMD:
+  cfg = asm.step_cfg
   kinds = [("eq11" if cfg.fake_target == "eq13" and p.boundary == 0.0 and not cfg.clamp_final_phase
             else cfg.fake_target) for p in cfg.plan.phases]
   loras = [{p: {n: torch.from_numpy(np.array(v)) for n, v in ab.items()} for p, ab in e.items()}
            for e in state.experts]
   return tr.PhasedDMD(
-      tr.DiTShape.from_jax(dit_cfg), tr.params_from_jax(setup.teacher_params), loras,
+      tr.DiTShape.from_jax(dit_cfg), tr.params_from_jax(asm.family.teacher_params), loras,
       [tr.params_from_jax(f) for f in state.fakes],
       [tr.PhaseSpec(p.times, p.boundary, p.grad_mode) for p in cfg.plan.phases],
       lora_scale=lora_scale, guidance=cfg.teacher.guidance_scale, ttur=cfg.ttur,
@@ -77,29 +76,30 @@ def _max_diff(a_tree, b_flat) -> tuple[float, float]:
 
 
 def build(ttur: int, batch_size: int):
-  """The benchmarked step's setup, initial state, labels and the matching PyTorch model."""
+  """The benchmarked step's assembly (the trainer's), initial state, labels and the matching
+  PyTorch model."""
   torch.manual_seed(0)
   dit_cfg = dit.config_for("small", patch=4)
-  setup = plan.dit_setup(dit_cfg, method="phased_dmd_sgts", num_steps=4, num_phases=2,
-                         lora_rank=16, ttur=ttur, guidance=3.0, gen_lr=3e-4, fake_lr=1e-4,
-                         weighting="dmd_normalized")
-  state0 = jax.device_get(plan.initial_state(setup))
-  ys = setup.make_y(jax.random.PRNGKey(1), (setup.step_cfg.ttur + 1, batch_size))
-  return setup, state0, ys, torch_model(setup, state0, dit_cfg, lora_scale=1.0)
+  asm = common.dit_assembly(dit_cfg, method="phased_dmd_sgts", steps=4, phases=2, ttur=ttur,
+                            batch=batch_size, abstract=False)
+  state0 = jax.device_get(asm.initial_state())
+  ys = asm.family.sample_cond(jax.random.PRNGKey(1), (asm.step_cfg.ttur + 1, batch_size))
+  return asm, state0, ys, torch_model(asm, state0, dit_cfg, lora_scale=1.0)
 
 
 def main(argv):
   del argv
-  setup, state0, ys, model = build(FLAGS.ttur, FLAGS.batch)
-  cfg, k, batch_size = setup.step_cfg, FLAGS.phase, FLAGS.batch
+  asm, state0, ys, model = build(FLAGS.ttur, FLAGS.batch)
+  cfg, k, batch_size = asm.step_cfg, FLAGS.phase, FLAGS.batch
+  teacher = asm.family.teacher_params
 
   # ---- parity: one phase step from the same weights and noise
   fn = ts.jit_phase_step(cfg, k)
   t0 = time.perf_counter()
-  compiled = fn.lower(state0, setup.teacher_params, {"y": ys}).compile()
+  compiled = fn.lower(state0, teacher, {"y": ys}).compile()
   compile_s = time.perf_counter() - t0
   noise = jax_noise(cfg, k, state0.rng, int(state0.step), batch_size)
-  state, m_jax = compiled(jax.device_put(state0), setup.teacher_params, {"y": ys})
+  state, m_jax = compiled(jax.device_put(state0), teacher, {"y": ys})
   state, m_jax = jax.device_get((state, m_jax))
   y_t = torch.from_numpy(np.array(ys)).long()
   m_torch = model.phase_step(k, y_t, noise)
@@ -125,7 +125,7 @@ def main(argv):
     return
   # ---- timing: alternate, medians
   state = jax.device_put(state0)
-  teacher = jax.device_put(setup.teacher_params)
+  teacher = jax.device_put(teacher)
   ys_d = jax.device_put({"y": ys})
   state, m = compiled(state, teacher, ys_d)           # warm-up
   jax.block_until_ready((state, m))

@@ -13,26 +13,17 @@ Variants go after a colon, leaves after --config.:
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from pdmd_jax.config_util import parse_arg
+from pdmd_jax import configs as blocks
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="phased_dmd", steps=4, phases=4, dim=2, runlocal=False, seed=0)
-  single_phase = a.method in ("dmd", "dmd_multistep", "dmd2_sgts")
-  c = ml_collections.ConfigDict()
-  c.seed = a.seed                          # seeds the run's rng (noise, t, SGTS stop, labels)
-  c.method = a.method                      # dmd | dmd_multistep | dmd2_sgts | phased_dmd | phased_dmd_sgts
-  c.num_steps = 1 if a.method == "dmd" else a.steps   # N sampling steps of the distilled generator
-  c.num_phases = 1 if single_phase else (c.num_steps if a.method == "phased_dmd" else a.phases)  # K
-  c.shift = 3.0                            # timestep shift of the grid and t-samplers (Qwen: 3, Wan: 5)
-  c.grid_times = ()                        # explicit grid 1 > ... > 0 (N+1 values); () = shifted uniform
-  c.phase_order = "progressive"            # progressive (the paper) | interleaved (ModelTC's trainer)
-  c.schedule = "flow_matching"             # flow_matching | vp_cosine
+  a = blocks.parse_arg(arg, method="phased_dmd", steps=4, phases=4, dim=2, runlocal=False, seed=0)
+  c = blocks.method(ml_collections.ConfigDict(), a.method, a.steps, a.phases, shift=3.0,
+                    seed=a.seed)
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.type = "gmm"                   # exact Gaussian-mixture teacher
+  c.teacher.type = "gmm"                   # exact Gaussian-mixture teacher (pdmd_jax/families/gmm)
   c.teacher.dataset = "ring" if a.dim == 2 else "random"   # ring (2-D only) | random
   c.teacher.dim = a.dim                    # data dimension D
   c.teacher.num_modes = 8 if a.dim == 2 else 12             # modes M
@@ -54,49 +45,16 @@ def get_config(arg=None):
   c.init_fit.lr = 2e-3                     # Adam, cosine decay
   c.init_fit.p_uncond = 0.1                # fraction of null labels (the fit also learns v(x, t, null))
 
-  c.generator = ml_collections.ConfigDict()
-  c.generator.lr = 1e-4                    # AdamW of the active expert
-  c.generator.b1 = 0.0                     # beta1 = 0 as in the paper
-  c.generator.b2 = 0.999
-  c.generator.weight_decay = 0.0
-  c.generator.grad_clip = 0.0              # global-norm clip; 0 = off
-  c.generator.weighting = "exact"          # exact w_{t|s} | dmd_normalized (DMD's per-sample normaliser)
-  c.generator.norm_floor = 1e-4            # floor of the dmd_normalized normaliser
-
-  c.fake = ml_collections.ConfigDict()
-  c.fake.lr = 1e-4                         # AdamW of the phase's fake score
-  c.fake.b1 = 0.0
-  c.fake.b2 = 0.999
-  c.fake.weight_decay = 0.0
-  c.fake.grad_clip = 0.0
-  c.fake.target = "eq13"                   # eq13 (clamped, the paper) | eq11 | naive (biased ablation)
-  c.fake.clamp_final_phase = False         # apply Eq. 13's min(1, 10 t^2) weight also when s = 0
-  c.fake.ttur = 5                          # fake updates per generator update (TTUR)
-
-  c.t_sampler = ml_collections.ConfigDict()  # re-noise t: u ~ U(u_k, u_max), t = shift(u)
+  c.generator = blocks.generator(1e-4, weighting="exact")
+  c.fake = blocks.fake(1e-4)
   # Lower margin of the re-noise t; a phase's range is (max(t_k, t_min), t_max]. 0.05 (DMD uses
   # 0.02) caps the last phase's weight w_t = (1-t)^2/t at ~18: without it, rare t near 0 turn
   # the fake score's small error into gradient spikes that stall Adam (std ratio 1.59 -> 0.81,
   # see docs/results/gmm_ring.md).
-  c.t_sampler.t_min = 0.05
-  c.t_sampler.t_max = 1.0
-  c.t_sampler.shift = config_dict.placeholder(float)  # shift of the re-noise t; None = the grid's shift
-  c.t_sampler.phase1_floor = config_dict.placeholder(float)  # Wan2.2-style floor of phase 1's t
-  c.t_sampler.floor_mode = "clamp"         # clamp (the paper) | resample
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 64 if a.runlocal else 256
-  c.train.num_steps = 8 if a.runlocal else 2000   # generator updates over all phases (split evenly)
-  c.train.log_every = 4 if a.runlocal else 50     # steps between metric writes
-  c.train.ckpt_every = 4 if a.runlocal else 500   # steps between checkpoints (and at each phase end)
-  c.train.max_to_keep = 3
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                         # data-parallel axis size (-1: all remaining devices)
-  c.mesh.fsdp = 1                          # parameter-sharding axis size
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 500 if a.runlocal else 10_000   # samples for the metrics table
-  c.eval.teacher_substeps = 8 if a.runlocal else 64    # Euler sub-steps per grid interval (teacher reference)
-  c.eval.seed = 1234
+  c.t_sampler = blocks.t_sampler(0.05, 1.0)
+  c.train = blocks.train(64 if a.runlocal else 256, 8 if a.runlocal else 2000,
+                         log_every=4 if a.runlocal else 50, ckpt_every=4 if a.runlocal else 500,
+                         max_to_keep=3)
+  c.mesh = blocks.mesh(data=-1, fsdp=1)
+  c.eval = blocks.evaluation(500 if a.runlocal else 10_000, 8 if a.runlocal else 64)
   return c

@@ -17,86 +17,41 @@ Variants (the comparison in docs/results/mnist.md uses the same budget for each)
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from pdmd_jax.config_util import parse_arg
+from pdmd_jax import configs as blocks
+
+LORA_TARGETS = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"   # attention + MLP projections
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, method="phased_dmd_sgts", steps=4, phases=2, runlocal=False, seed=0)
-  single_phase = a.method in ("dmd", "dmd_multistep", "dmd2_sgts")
-  c = ml_collections.ConfigDict()
-  c.seed = a.seed                          # seeds the run's rng (noise, t, SGTS stop, labels)
-  c.method = a.method                      # dmd | dmd_multistep | dmd2_sgts | phased_dmd | phased_dmd_sgts
-  c.num_steps = 1 if a.method == "dmd" else a.steps
-  c.num_phases = 1 if single_phase else (c.num_steps if a.method == "phased_dmd" else a.phases)
-  c.shift = 3.0                            # grid/t-sampler shift (Qwen-Image uses 3)
-  c.grid_times = ()                        # () = shifted uniform grid: 1, .9, .75, .5, 0 for N=4
-  c.phase_order = "progressive"
-  c.schedule = "flow_matching"
+  a = blocks.parse_arg(arg, method="phased_dmd_sgts", steps=4, phases=2, runlocal=False, seed=0)
+  c = blocks.method(ml_collections.ConfigDict(), a.method, a.steps, a.phases, shift=3.0,
+                    seed=a.seed)   # shift 3 as Qwen-Image: grid 1, .9, .75, .5, 0 for N = 4
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.type = "dit"                   # a trained network teacher
+  c.teacher.type = "dit"                   # a trained DiT teacher (pdmd_jax/families/dit)
   c.teacher.path = ""                      # "" = the shipped assets/mnist_teacher
   c.teacher.guidance_scale = 3.0           # CFG of the teacher in the DMD gradient (and reference)
+  c.teacher.arch = ml_collections.ConfigDict()   # {} = trained weights; DiTConfig fields = a
+  c.teacher.perturb = 0.05                 #   random DiT (planning, benchmarks), weights + N(0, perturb)
 
   c.model = ml_collections.ConfigDict()    # the experts/fakes share the teacher's architecture
   c.model.name = "dit"
   c.model.remat = False
   c.model.scan_layers = False
 
-  c.generator = ml_collections.ConfigDict()
-  c.generator.lora_rank = 16               # LoRA experts on the frozen teacher; 0 = full copies
-  c.generator.lora_alpha = 16.0
-  c.generator.lora_targets = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"  # attention + MLP
-  c.generator.lr = 1e-3 if a.runlocal else 3e-4   # AdamW of the active expert's LoRA
-  c.generator.b1 = 0.0                     # the paper: beta1 = 0, beta2 = 0.999
-  c.generator.b2 = 0.999
-  c.generator.weight_decay = 0.0
-  c.generator.grad_clip = 1.0
-  c.generator.weighting = "dmd_normalized"  # DMD's per-sample normaliser carried to subintervals
-  c.generator.norm_floor = 1e-4
-
-  c.fake = ml_collections.ConfigDict()     # one fake score per phase
-  c.fake.lora_rank = 0                     # 0 = full-parameter fakes (the paper); > 0 = shared
-  c.fake.lora_alpha = 16.0                 #   backbone: LoRA fakes on the frozen teacher
-  c.fake.lora_targets = c.generator.lora_targets
-  c.fake.lr = 1e-4
-  c.fake.b1 = 0.0
-  c.fake.b2 = 0.999
-  c.fake.weight_decay = 0.0
-  c.fake.grad_clip = 1.0
-  c.fake.target = "eq13"                   # eq13 (the paper) | eq11 | naive
-  c.fake.clamp_final_phase = False
-  c.fake.ttur = 2 if a.runlocal else 5     # fake updates per generator update
-
-  c.t_sampler = ml_collections.ConfigDict()
-  c.t_sampler.t_min = 0.02                 # DMD's lower margin of the re-noise t
-  c.t_sampler.t_max = 0.98                 # DMD's upper margin
-  c.t_sampler.shift = config_dict.placeholder(float)   # None = the grid's shift
-  c.t_sampler.phase1_floor = config_dict.placeholder(float)
-  c.t_sampler.floor_mode = "clamp"
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8 if a.runlocal else 32
-  c.train.num_steps = 4 if a.runlocal else 300    # generator updates over all phases
-  c.train.log_every = 2 if a.runlocal else 20
-  c.train.ckpt_every = 4 if a.runlocal else 100
-  c.train.max_to_keep = 2
-
-  c.health = ml_collections.ConfigDict()   # in-loop health (pdmd_jax/health.py)
-  c.health.every = 2 if a.runlocal else 50  # generator updates between checks; 0 = off
-  c.health.seeds = 2 if a.runlocal else 4   # noises per class
-  c.health.min_fraction = 0.0               # stop early below this fraction of the teacher's diversity
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                         # batch-only axis (-1: all remaining devices)
-  c.mesh.fsdp = 1                          # batch + parameters
-  c.mesh.tensor = 1                        # attention heads and MLP width (logical axis rules)
-  c.mesh.context = 1                       # parameters like fsdp (tokens in pdmd_jax.plan)
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 40 if a.runlocal else 500  # classes in turn: 50 seeds per class
-  c.eval.teacher_substeps = 2 if a.runlocal else 8  # reference: 8 Euler steps per grid interval
-  c.eval.seed = 1234
+  # LoRA experts on the frozen teacher (rank 0 = full copies); the paper: AdamW (0, 0.999).
+  c.generator = blocks.lora(blocks.generator(1e-3 if a.runlocal else 3e-4, grad_clip=1.0),
+                            rank=16, alpha=16.0, targets=LORA_TARGETS)
+  # One fake score per phase: full parameters (the paper); lora_rank > 0 = shared backbone,
+  # LoRA fakes on the frozen teacher.
+  c.fake = blocks.lora(blocks.fake(1e-4, grad_clip=1.0, ttur=2 if a.runlocal else 5),
+                       rank=0, alpha=16.0, targets=LORA_TARGETS)
+  c.t_sampler = blocks.t_sampler(0.02, 0.98)      # DMD's margins of the re-noise t
+  c.train = blocks.train(8 if a.runlocal else 32, 4 if a.runlocal else 300,
+                         log_every=2 if a.runlocal else 20, ckpt_every=4 if a.runlocal else 100)
+  c.health = blocks.health(2 if a.runlocal else 50, 2 if a.runlocal else 4)
+  c.mesh = blocks.mesh(data=-1, fsdp=1, tensor=1, context=1)
+  c.eval = blocks.evaluation(40 if a.runlocal else 500,   # classes in turn: 50 seeds per class
+                             2 if a.runlocal else 8)
   return c

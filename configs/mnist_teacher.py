@@ -11,7 +11,7 @@ settings, wall time and the metrics of its guided samples). To retrain (about 40
 
 import ml_collections
 
-from pdmd_jax.config_util import parse_arg
+from pdmd_jax.configs import parse_arg
 
 
 def get_config(arg=None):

@@ -18,19 +18,16 @@ Variants (experiments/video_motion.py runs them on the same budget):
   python main.py --config=configs/video.py:runlocal,teacher=/tmp/vt ...     # seconds (tests)
 """
 
-import importlib.util
 import os
 
 from pdmd_jax import assets
+from pdmd_jax import configs
 
 
 def _mnist_config(arg):
   """configs/mnist.py: the same method, optimisers, LoRA and schedule settings."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
-  spec = importlib.util.spec_from_file_location("pdmd_mnist_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  here = os.path.dirname(os.path.abspath(__file__))
+  return configs.load(os.path.join(here, "mnist.py") + (f":{arg}" if arg else ""))
 
 
 def get_config(arg=None):

@@ -28,7 +28,7 @@ and metrics incl. optical flow). To train (resumes):
 import ml_collections
 
 from pdmd_jax import assets
-from pdmd_jax.config_util import parse_arg
+from pdmd_jax.configs import parse_arg
 
 
 def get_config(arg=None):

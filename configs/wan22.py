@@ -55,30 +55,27 @@ about 0.8 TB plus activations, i.e. >= 16 x 80 GB devices (the paper used 64 GPU
 import ml_collections
 from ml_collections import config_dict
 
-from pdmd_jax.config_util import parse_arg
+from pdmd_jax import configs as blocks
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+LORA_TARGETS = (r"blocks\.(\d+\.)?(attn1\.(to_q|to_k|to_v|to_out)|"
+                r"attn2\.(to_q|to_k|to_v|to_out)|ffn\.(fc1|fc2))\.kernel")
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, task="t2v", res="480p", tiny=False, seed=0)
+  a = blocks.parse_arg(arg, task="t2v", res="480p", tiny=False, seed=0)
   if a.task not in ("t2v", "i2v"):
     raise ValueError(f"config variant task={a.task!r} is unknown; allowed: ['t2v', 'i2v']")
   if a.res not in RESOLUTIONS:
     raise ValueError(f"config variant res={a.res!r} is unknown; allowed: {sorted(RESOLUTIONS)}")
   boundary = {"t2v": 0.875, "i2v": 0.9}[a.task]
-  c = ml_collections.ConfigDict()
-  c.seed = a.seed
-  c.method = "phased_dmd_sgts"             # 4-step 2-phase with SGTS inside each phase
-  c.num_steps = 4
-  c.num_phases = 2
-  c.shift = 5.0                            # Wan (following Self-Forcing)
-  c.grid_times = (1.0, 0.938, 0.833, 0.625, 0.0)   # the paper's Table 1 (x1000: 1000 938 833 625)
-  c.phase_order = "progressive"            # phase 2 trains after phase 1 is frozen
-  c.schedule = "flow_matching"
+  # 4-step 2-phase with SGTS inside each phase; shift 5 (Wan, following Self-Forcing); the
+  # paper's Table 1 grid (x1000: 1000 938 833 625); phase 2 trains after phase 1 is frozen.
+  c = blocks.method(ml_collections.ConfigDict(), "phased_dmd_sgts", 4, 2, shift=5.0,
+                    seed=a.seed, grid_times=(1.0, 0.938, 0.833, 0.625, 0.0))
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.type = "wan"
+  c.teacher.type = "wan22"                 # pdmd_jax/families/wan22
   c.teacher.task = a.task                  # t2v | i2v
   c.teacher.path = f"weights/Wan2.2-{a.task.upper()}-A14B-Diffusers"   # diffusers root
   c.teacher.random = a.tiny                # random tiny experts instead of teacher.path
@@ -96,39 +93,19 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"          # fakes at lr 4e-7 need fp32 weights
   c.model.scan_layers = True
   c.model.remat = "full"                   # none | full | dots
+  c.model.num_layers = 0                   # 0 = the weights'; fewer only for AOT planning
 
-  c.generator = ml_collections.ConfigDict()   # LoRA experts on the frozen teacher experts
-  c.generator.lora_rank = 8 if a.tiny else 64
-  c.generator.lora_alpha = 8.0
-  c.generator.lora_targets = (r"blocks\.(\d+\.)?(attn1\.(to_q|to_k|to_v|to_out)|"
-                              r"attn2\.(to_q|to_k|to_v|to_out)|ffn\.(fc1|fc2))\.kernel")
-  c.generator.lr = 5e-5
-  c.generator.b1 = 0.0
-  c.generator.b2 = 0.999
-  c.generator.weight_decay = 0.0           # not reported
-  c.generator.grad_clip = 1.0              # not reported (ModelTC's trainer: 1.0)
-  c.generator.weighting = "dmd_normalized"
-  c.generator.norm_floor = 1e-4
-
-  c.fake = ml_collections.ConfigDict()     # full-parameter fake MoE pair per phase
-  c.fake.lora_rank = 0                     # > 0: shared backbone, a LoRA pair on the frozen
-  c.fake.lora_alpha = 8.0                  #   teacher experts (then raise fake.lr, e.g. 5e-5)
-  c.fake.lora_targets = c.generator.lora_targets
-  c.fake.lr = 4e-7
-  c.fake.b1 = 0.0
-  c.fake.b2 = 0.999
-  c.fake.weight_decay = 0.0
-  c.fake.grad_clip = 1.0
-  c.fake.target = "eq13"
-  c.fake.clamp_final_phase = False
-  c.fake.ttur = 2 if a.tiny else 5
-
-  c.t_sampler = ml_collections.ConfigDict()
-  c.t_sampler.t_min = 0.02                 # DMD's lower margin (last phase: s = 0)
-  c.t_sampler.t_max = 1.0                  # T(t_k, 1): the paper's re-noise range
-  c.t_sampler.shift = config_dict.placeholder(float)   # None = the grid's shift (5)
-  c.t_sampler.phase1_floor = boundary      # Wan2.2 phase 1: t = max(t, boundary)
-  c.t_sampler.floor_mode = "clamp"         # clamp (paper: a 1/6 point mass at 0.875) | resample
+  # LoRA experts (rank 64, alpha 8, lr 5e-5) on the teacher expert owning each phase; weight
+  # decay not reported, clip 1.0 as ModelTC's trainer.
+  c.generator = blocks.lora(blocks.generator(5e-5, grad_clip=1.0), rank=8 if a.tiny else 64,
+                            alpha=8.0, targets=LORA_TARGETS)
+  # Full-parameter fake MoE pair per phase (lr 4e-7); lora_rank > 0: shared backbone, a LoRA
+  # pair on the frozen teacher experts (then raise fake.lr, e.g. 5e-5).
+  c.fake = blocks.lora(blocks.fake(4e-7, grad_clip=1.0, ttur=2 if a.tiny else 5), rank=0,
+                       alpha=8.0, targets=LORA_TARGETS)
+  # T(t_k, 1): the paper's re-noise range, DMD's lower margin; phase 1: t = max(t, boundary)
+  # (clamp: the paper, a 1/6 point mass at 0.875 | resample).
+  c.t_sampler = blocks.t_sampler(0.02, 1.0, phase1_floor=boundary)
 
   c.data = ml_collections.ConfigDict()
   height, width = (64, 64) if a.tiny else RESOLUTIONS[a.res]
@@ -141,22 +118,12 @@ def get_config(arg=None):
   c.data.random_length = 8
   c.data.max_table_gb = 8.0                # the embedding table sits on every device
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 2 if a.tiny else 64   # global
-  c.train.num_steps = 2 if a.tiny else 800   # generator updates over both phases (not reported)
-  c.train.log_every = 1 if a.tiny else 10
-  c.train.ckpt_every = 2 if a.tiny else 50
-  c.train.max_to_keep = 2
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1
-  c.mesh.fsdp = -1                         # all devices shard parameters and batch
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_samples = 2 if a.tiny else 16
-  c.eval.batch_size = 2 if a.tiny else 8
-  c.eval.teacher_substeps = 2 if a.tiny else 10   # 4 x 10 = 40 Euler steps (paper: 40, CFG 4)
-  c.eval.seed = 1234
-  c.eval.vae_path = ""                     # diffusers Wan VAE (e.g. <root>/vae) to decode videos
-  c.eval.decode = 0                        # how many samples to decode (needs eval.vae_path)
+  c.train = blocks.train(2 if a.tiny else 64, 2 if a.tiny else 800,   # 800: not reported
+                         log_every=1 if a.tiny else 10, ckpt_every=2 if a.tiny else 50)
+  c.mesh = blocks.mesh(data=1, fsdp=-1)    # all devices shard parameters and batch
+  c.eval = blocks.evaluation(2 if a.tiny else 16,
+                             2 if a.tiny else 10,   # 4 x 10 = 40 Euler steps (paper: 40, CFG 4)
+                             batch_size=2 if a.tiny else 8,
+                             vae_path="",   # diffusers Wan VAE (e.g. <root>/vae) to decode videos
+                             decode=0)      # how many samples to decode (needs eval.vae_path)
   return c

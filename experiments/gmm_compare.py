@@ -10,7 +10,6 @@ and the seed-0 scatter plots.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
 
@@ -51,10 +51,7 @@ ROWS = [
 
 
 def _load_config(variant):
-  spec = importlib.util.spec_from_file_location("gmm_cfg", os.path.join(ROOT, "configs", "gmm.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return configs.load(f"configs/gmm.py:{variant}")
 
 
 def _set(config, key, value):

@@ -11,7 +11,6 @@ the same image set for every row. Writes ``docs/results/mnist.md`` (mean ± std 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
 
@@ -48,10 +48,7 @@ METRICS = [("accuracy", "class acc."), ("fd_real", "FD real"), ("fd_reference", 
 
 
 def _load_config(variant):
-  spec = importlib.util.spec_from_file_location("mnist_cfg", os.path.join(ROOT, "configs", "mnist.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return configs.load(f"configs/mnist.py:{variant}")
 
 
 def run_one(row_id, variant, steps, seed):

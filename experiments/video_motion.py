@@ -17,7 +17,6 @@ low-noise halves of its sampler (``motion_by_phase``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
@@ -64,10 +64,8 @@ METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teac
 
 
 def _load_config(variant):
-  spec = importlib.util.spec_from_file_location("video_cfg", os.path.join(ROOT, "configs", "video.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant + (f",teacher={_TEACHER.value}" if _TEACHER.value else ""))
+  teacher = f",teacher={_TEACHER.value}" if _TEACHER.value else ""
+  return configs.load(f"configs/video.py:{variant}{teacher}")
 
 
 def _run_config(row_id, variant, steps, seed):

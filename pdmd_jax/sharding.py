@@ -253,23 +253,19 @@ def constrain(x, names: Sequence[str | None], rules=DEFAULT_RULES, mesh=None):
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def shard_batch(x, rules=DEFAULT_RULES, mesh=None):
+  """Any activation [B, ...]: the batch axis over (data, fsdp), the rest unconstrained.
+
+  Noise drawn inside a jitted step carries no sharding, and GSPMD may then replicate the
+  whole batch on every device (seen on the Wan plan: every device computed all samples and
+  all-reduced activations); the models constrain their input and output with this.
+  """
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 1), rules, mesh)
+
+
 def shard_tokens(x, rules=DEFAULT_RULES, mesh=None):
   """Token activations [B, N, ...]: batch over (data, fsdp), tokens over ``context``."""
   return constrain(x, ("batch", "length") + (None,) * (x.ndim - 2), rules, mesh)
-
-
-def batch_constrained(apply, rules=DEFAULT_RULES):
-  """apply(params, x, t, y) with x and the output split over the batch axes.
-
-  Noise drawn inside a jitted step carries no sharding, and GSPMD may then replicate the whole
-  batch on every device (seen on the Wan plan: every device computed all samples and
-  all-reduced activations). Constraining each network call's input and output fixes the
-  batch layout; it uses the mesh of ``jax.set_mesh`` and is the identity without one.
-  """
-  def wrapped(params, x, t, y):
-    c = lambda a: constrain(a, ("batch",) + (None,) * (a.ndim - 1), rules)
-    return c(apply(params, c(x), t, y))
-  return wrapped
 
 
 # ============================================================================================

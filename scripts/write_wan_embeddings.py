@@ -1,6 +1,6 @@
 r"""Writes the prompt-embedding file of a Wan2.2 distillation run (``config.data.embeddings``).
 
-Format ``pdmd_jax.wan_embeddings.v1`` (see pdmd_jax/wan_task.py): a .safetensors (or .npz)
+Format ``pdmd_jax.wan_embeddings.v1`` (see pdmd_jax/families/prompts.py): a .safetensors (or .npz)
 file with ``context`` [N, L, 4096] umT5 states, positions past each prompt's tokens zeroed
 and trailing all-zero positions trimmed (the run zero-pads back to 512), optional
 ``negative`` [L', 4096] and, for I2V, ``condition`` [N, 20, F, h, w]; the prompts and the
@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pdmd_jax import wan_task  # noqa: E402  pylint: disable=wrong-import-position
+from pdmd_jax.families import prompts as embeddings_lib  # noqa: E402  pylint: disable=wrong-import-position
+from pdmd_jax.families.wan22 import weights  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def read_prompts(path: str) -> list[str]:
@@ -82,7 +83,7 @@ def main(argv=None):
   p.add_argument("--from_npy", help="context [N, L, D] written by your own encoder")
   p.add_argument("--negative_npy", help="negative embedding [L, D] (with --from_npy)")
   p.add_argument("--condition_npy", help="I2V condition latents [N, C, F, h, w]")
-  p.add_argument("--negative_prompt", default=wan_task.WAN_NEGATIVE_PROMPT,
+  p.add_argument("--negative_prompt", default=weights.WAN_NEGATIVE_PROMPT,
                  help="encoded with --model (default: Wan's own negative prompt)")
   p.add_argument("--random", type=int, default=0, help="write N random stand-in prompts")
   p.add_argument("--text_dim", type=int, default=4096)
@@ -95,7 +96,7 @@ def main(argv=None):
   a = p.parse_args(argv)
 
   if a.random:
-    emb = wan_task.random_embeddings(a.random, a.length, a.text_dim, seed=a.seed)
+    emb = embeddings_lib.random_embeddings(a.random, a.length, a.text_dim, seed=a.seed)
   else:
     if not a.prompts:
       p.error("--prompts is required (or --random N)")
@@ -116,14 +117,14 @@ def main(argv=None):
       p.error("give --model (encode with umT5) or --from_npy (your own arrays)")
     if len(prompts) != len(context):
       p.error(f"{len(prompts)} prompts but {len(context)} context rows")
-    context = wan_task.trim(context)
+    context = embeddings_lib.trim(context)
     if negative is not None:
-      negative = wan_task.trim(negative[None])[0]
+      negative = embeddings_lib.trim(negative[None])[0]
     condition = np.load(a.condition_npy) if a.condition_npy else None
-    emb = wan_task.Embeddings(context=context, negative=negative, condition=condition,
+    emb = embeddings_lib.Embeddings(context=context, negative=negative, condition=condition,
                               prompts=prompts, negative_prompt=negative_prompt, encoder=encoder,
                               text_len=a.max_length)
-  wan_task.save_embeddings(a.out, emb)
+  embeddings_lib.save_embeddings(a.out, emb)
   print(f"Wrote {a.out}: context {tuple(emb.context.shape)} {emb.context.dtype}, negative "
         f"{None if emb.negative is None else tuple(emb.negative.shape)}, condition "
         f"{None if emb.condition is None else tuple(emb.condition.shape)}")

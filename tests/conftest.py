@@ -22,8 +22,5 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def gmm_config():
   """The tiny (runlocal) Gaussian-mixture config; tests adjust leaves."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("gmm_config", os.path.join(ROOT, "configs", "gmm.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config
+  from pdmd_jax import configs  # pylint: disable=import-outside-toplevel
+  return lambda arg=None: configs.load("configs/gmm.py" + (f":{arg}" if arg else ""))

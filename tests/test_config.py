@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pdmd_jax import config_lib
+from pdmd_jax import validation
 from pdmd_jax import trainer
 
 
@@ -14,7 +14,7 @@ from pdmd_jax import trainer
     "method=phased_dmd_sgts,steps=4,phases=2,dim=16,runlocal"])
 def test_variants_validate(gmm_config, variant):
   config = gmm_config(variant)
-  plan = config_lib.validate(config)
+  plan = validation.validate(config)
   assert plan.num_steps == config.num_steps and plan.num_phases == config.num_phases
 
 
@@ -56,7 +56,7 @@ def test_bad_input_names_field(gmm_config, overrides, message, tmp_path):
       node = node[p]
     node[leaf] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(config)
+    validation.validate(config)
   # The trainer validates first: nothing is fitted, compiled or written.
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, str(tmp_path / "w"), verbose=False)
@@ -69,4 +69,4 @@ def test_batch_must_divide_over_mesh(gmm_config):
   config.train.batch_size = 60
   config.mesh.data, config.mesh.fsdp = 2, 4
   with pytest.raises(ValueError, match="train.batch_size=60.*multiple of data x fsdp = 8"):
-    config_lib.mesh_shape(config, 8)
+    validation.mesh_shape(config, 8)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import importlib.util
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from pdmd_jax import assets
+from pdmd_jax import configs
 from pdmd_jax import models
 from pdmd_jax import train_step as ts
 from pdmd_jax import trainer
@@ -20,10 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mnist_config(arg="runlocal"):
-  spec = importlib.util.spec_from_file_location("mnist_config", os.path.join(ROOT, "configs", "mnist.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configs.load(f"configs/mnist.py:{arg}")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +77,7 @@ def test_lora_expert_at_init_samples_like_the_teacher(tiny_teacher):
   z = jax.random.normal(jax.random.PRNGKey(0), (4,) + run.sample_shape)
   y = jnp.array([0, 1, 2, 3])
   few = sampling.few_step_sample(run.plan, run.experts_apply(), state.experts, z, y)[-1]
-  plain = sampling.few_step_sample(run.plan, run.net.apply, (run.teacher_params,) * 2, z, y)[-1]
+  plain = sampling.few_step_sample(run.plan, run.family.apply, (run.teacher_params,) * 2, z, y)[-1]
   np.testing.assert_allclose(few, plain, atol=1e-5)
 
 
@@ -96,7 +93,7 @@ def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
   x = jax.random.normal(jax.random.PRNGKey(0), (4,) + run.sample_shape)
   t, y = jnp.full((4,), 0.6), jnp.array([0, 1, 2, 3])
   fake = run.step_cfg.fakes_apply(run.teacher_params)
-  np.testing.assert_allclose(fake(state.fakes[0], x, t, y), run.net.apply(run.teacher_params, x, t, y),
+  np.testing.assert_allclose(fake(state.fakes[0], x, t, y), run.family.apply(run.teacher_params, x, t, y),
                              atol=1e-6)
   before = jax.device_get(state)
   new, m = ts.fake_step(run.step_cfg, 1, state, run.teacher_params, y, jax.random.PRNGKey(2))

@@ -1,10 +1,12 @@
-"""Logical-axis sharding rules, and a DiT phase step on 8 simulated devices (tests/conftest.py).
+"""Logical-axis sharding rules, and the trainer's DiT phase step on 8 simulated devices.
 
 The step: phased_dmd_sgts (4 steps, 2 phases; phase 2, so the frozen phase-1 prefix and the
-SGTS stop both run), LoRA experts on a DiT network teacher (CFG 3), full-copy fake scores,
-TTUR 1, assembled by pdmd_jax.plan.dit_setup. On every mesh it must give the single-device state to |a - b| <= 1e-5 + 1e-4 |b|:
-batch reductions are split across devices, so float sums differ in the last bits, and Adam
-with beta1 = 0 divides by sqrt(v), which magnifies that for near-zero gradient entries.
+SGTS stop both run), LoRA experts on a random DiT teacher (CFG 3), full-copy fake scores,
+TTUR 1, assembled by ``assembly.build`` exactly as the trainer does (the models constrain their
+batch and token activations under the mesh). On every mesh it must give the single-device state
+to |a - b| <= 1e-5 + 1e-4 |b|: batch reductions are split across devices, so float sums differ
+in the last bits, and Adam with beta1 = 0 divides by sqrt(v), which magnifies that for
+near-zero gradient entries.
 """
 
 import jax
@@ -13,10 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pdmd_jax import assembly
 from pdmd_jax import models
-from pdmd_jax import plan
 from pdmd_jax import sharding as sh
-from pdmd_jax import train_step as ts
+from pdmd_jax.families import dit as dit_family
 from pdmd_jax.models import dit
 
 MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4}, "fsdp4_tensor2": {"fsdp": 4, "tensor": 2},
@@ -25,7 +27,6 @@ MESHES = {"data2_fsdp4": {"data": 2, "fsdp": 4}, "fsdp4_tensor2": {"fsdp": 4, "t
 CFG = dit.config_for("tiny", image_size=8, patch=4, hidden=16, depth=1, heads=2, time_dim=32)
 B = 8
 PHASE = 1
-IMAGE_AXES = ("batch", "length", None, None)   # image rows stand in for tokens
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,33 +38,29 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", False)
 
 
-def _setup(mesh=None, abstract=False):
-  wrap = None
-  if mesh is not None and mesh.shape["context"] > 1:
-    # dit.py does not constrain its activations yet; constrain the network's input and output
-    # so the context axis is exercised inside a real step.
-    c = lambda x: sh.constrain(x, IMAGE_AXES, mesh=mesh)
-    wrap = lambda apply: lambda p, x, t, y: c(apply(p, c(x), t, y))
-  return plan.dit_setup(CFG, method="phased_dmd_sgts", num_steps=4, num_phases=2, lora_rank=4,
-                        ttur=1, wrap=wrap, abstract=abstract)
+def _asm(mesh_sizes=None, abstract=False):
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1, **(mesh_sizes or {})}
+  n = int(np.prod(list(sizes.values())))
+  c = dit_family.random_config(CFG, "runlocal", {
+      "fake.ttur": 1, "train.batch_size": B, "generator.lora_rank": 4,
+      "generator.lora_alpha": 4.0, **{f"mesh.{k}": v for k, v in sizes.items()}})
+  return assembly.build(c, devices=jax.devices()[:n], abstract=abstract)
 
 
-def _two_steps(setup, state, teacher, batch, shardings=(None, None, None)):
-  fn = ts.jit_phase_step(setup.step_cfg, PHASE, *shardings)
+def _two_steps(asm, state, teacher, batch):
+  step = asm.lower(PHASE, state, teacher, batch).compile()   # the trainer's program
   for _ in range(2):
-    state, metrics = fn(state, teacher, batch)
+    state, metrics = step(state, teacher, batch)
   return state, metrics
 
 
 @pytest.fixture(scope="module")
 def reference():
-  setup = _setup()
-  state0 = jax.device_get(plan.initial_state(setup))
-  batch = {"y": setup.make_y(jax.random.PRNGKey(1), (setup.step_cfg.ttur + 1, B))}
-  one = jax.devices()[0]
-  out = _two_steps(setup, jax.device_put(state0, one), jax.device_put(setup.teacher_params, one),
-                   jax.device_put(batch, one))
-  return state0, setup.teacher_params, batch, jax.device_get(out)
+  asm = _asm()
+  state0 = jax.device_get(asm.initial_state())
+  teacher, batch = jax.device_get(asm.teacher_params()), jax.device_get(asm.batch_fn()(0))
+  out = _two_steps(asm, asm.initial_state(), asm.teacher_params(), asm.batch_fn()(0))
+  return state0, teacher, batch, jax.device_get(out)
 
 
 def _specs(tree):
@@ -73,16 +70,13 @@ def _specs(tree):
 @pytest.mark.parametrize("name", list(MESHES))
 def test_mesh_matches_single_device(reference, name):
   state0, teacher_params, batch, (s_ref, m_ref) = reference
-  mesh = sh.mesh_from_sizes(MESHES[name])
-  setup = _setup(mesh, abstract=True)
-  state_sh, teacher_sh, batch_sh = plan.shardings(setup, mesh, B)
+  asm = _asm(MESHES[name], abstract=True)
+  state_sh, teacher_sh, batch_sh = asm.state_sharding, asm.teacher_sharding, asm.batch_sharding
   state = jax.device_put(state0, state_sh)
   teacher = jax.device_put(teacher_params, teacher_sh)
-  # Under the mesh, the batch constraints of every network call and the planner's per-block
-  # token constraints are live (without one they are the identity).
-  with jax.set_mesh(mesh), plan.block_constraints():
-    state, metrics = _two_steps(setup, state, teacher, jax.device_put(batch, batch_sh),
-                                (state_sh, teacher_sh, batch_sh))
+  # Lowered under the mesh (Assembly.lower), the models' batch and per-block token constraints
+  # are live (without one they are the identity).
+  state, metrics = _two_steps(asm, state, teacher, jax.device_put(batch, batch_sh))
   # Outputs keep the rule shardings (out_shardings = in_shardings; the state is donated).
   for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(state_sh)):
     assert leaf.sharding.is_equivalent_to(s, leaf.ndim)
@@ -97,12 +91,11 @@ def test_mesh_matches_single_device(reference, name):
 
 def test_every_parameter_follows_the_rules():
   """Every fake/teacher leaf gets logical_spec(axes); named leaves on (fsdp 4 x tensor 2)."""
-  mesh = sh.mesh_from_sizes(MESHES["fsdp4_tensor2"])
-  setup = _setup(mesh, abstract=True)
-  state_sh, teacher_sh, _ = plan.shardings(setup, mesh, B)
+  asm = _asm(MESHES["fsdp4_tensor2"], abstract=True)
+  mesh, state_sh, teacher_sh = asm.mesh, asm.state_sharding, asm.teacher_sharding
   axes = models.logical_axes(CFG)
   expected = jax.tree.map(lambda n, x: sh.logical_spec(n, shape=x.shape, mesh=mesh), axes,
-                          setup.teacher_params, is_leaf=lambda n: isinstance(n, tuple))
+                          asm.family.teacher_params, is_leaf=lambda n: isinstance(n, tuple))
   for tree in (teacher_sh, *state_sh.fakes):
     assert jax.tree.map(lambda s: s.spec, tree) == expected
   fake, blk = state_sh.fakes[PHASE], state_sh.fakes[PHASE]["blocks"][0]
@@ -150,8 +143,9 @@ def test_rules_fall_back_to_replication():
 
 
 def test_context_axis_also_splits_parameters():
-  mesh = sh.mesh_from_sizes(MESHES["data2_context4"])
-  state_sh, teacher_sh, batch_sh = plan.shardings(_setup(mesh, abstract=True), mesh, B)
+  asm = _asm(MESHES["data2_context4"], abstract=True)
+  mesh, state_sh, teacher_sh, batch_sh = (asm.mesh, asm.state_sharding, asm.teacher_sharding,
+                                          asm.batch_sharding)
   assert teacher_sh["blocks"][0]["qkv"]["kernel"].spec == P("context")   # embed -> context
   assert state_sh.experts[PHASE]["blocks.0.fc2.kernel"]["b"].spec == P(None, "context")
   assert batch_sh["y"].is_equivalent_to(NamedSharding(mesh, P(None, "data")), 2)   # fsdp is 1

@@ -28,7 +28,7 @@ def test_phase_step_updates_only_its_phase_and_never_retraces(gmm_config):
   fn = ts.jit_phase_step(run.step_cfg, 1)
   state = state0
   for step in range(3):
-    state, metrics = fn(state, run.gmm, trainer.batch_for_step(run, step))
+    state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))
   assert fn._cache_size() == 1            # one trace and compile for all steps
   assert int(state.step) == 3 and bool(metrics["finite"])
   assert _equal(state.experts[0], keep.experts[0]) and _equal(state.fakes[0], keep.fakes[0])
@@ -42,8 +42,8 @@ def test_randomness_depends_on_step_not_on_history(gmm_config):
   """fold_in(rng, step): the same state and step give the same update."""
   run = _run(gmm_config, "runlocal", jax.devices()[:1])
   fn = ts.jit_phase_step(run.step_cfg, 0)
-  a, _ = fn(trainer.initial_state(run), run.gmm, trainer.batch_for_step(run, 0))
-  b, _ = fn(trainer.initial_state(run), run.gmm, trainer.batch_for_step(run, 0))
+  a, _ = fn(trainer.initial_state(run), run.teacher_params, trainer.batch_for_step(run, 0))
+  b, _ = fn(trainer.initial_state(run), run.teacher_params, trainer.batch_for_step(run, 0))
   assert _equal(a, b)
 
 
@@ -77,7 +77,7 @@ def test_data2_fsdp4_matches_single_device(gmm_config, variant):
       k = run.phase_of(step)
       fn = ts.jit_phase_step(run.step_cfg, 1, run.state_sharding, run.teacher_sharding,
                              run.batch_sharding)
-      state, metrics = fn(state, run.gmm, trainer.batch_for_step(run, step))
+      state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))
       del k
     results.append(jax.device_get((state, metrics)))
   (s1, m1), (s8, m8) = results

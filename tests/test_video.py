@@ -1,7 +1,6 @@
 """Video: per-frame metrics on centroid crops, the clip iterator, the shipped video teacher, and a
 tiny end-to-end video teacher + distillation run."""
 
-import importlib.util
 import json
 import os
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from pdmd_jax import assets
+from pdmd_jax import configs
 from pdmd_jax import teacher_training
 from pdmd_jax import trainer
 from pdmd_jax.data import moving_digits
@@ -20,10 +20,7 @@ DATA = dict(num_frames=8, size=32, min_digits=1, max_digits=1, static_frac=0.2, 
 
 
 def _config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configs.load(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def test_centroid_crop_puts_the_digit_in_mnists_layout():

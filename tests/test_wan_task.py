@@ -1,7 +1,6 @@
-"""Wan2.2 task: MoE routing, the phase-1 clamp, embeddings, missing weights, tiny end to end."""
+"""Wan2.2 family: MoE routing, the phase-1 clamp, embeddings, missing weights, tiny end to end."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdmd_jax import config_lib
+from pdmd_jax import assembly
+from pdmd_jax import configs
 from pdmd_jax import schedule as S
 from pdmd_jax import teachers
-from pdmd_jax import wan_task
+from pdmd_jax import validation
+from pdmd_jax.families import prompts
+from pdmd_jax.families import wan22
+from pdmd_jax.families.wan22 import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(arg=""):
-  spec = importlib.util.spec_from_file_location("wan22", os.path.join(ROOT, "configs", "wan22.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return configs.load("configs/wan22.py" + (f":{arg}" if arg else ""))
+
+
+def _family(config):
+  """The family as the trainer builds it (one device: the tiny batch is 2)."""
+  plan = validation.validate(config)
+  return wan22.build(config, plan, assembly.make_mesh(config, jax.devices()[:1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +63,7 @@ def test_moe_teacher_cfg_uses_the_negative_and_a_scale_per_expert():
   def apply(p, x, t, y):
     del t
     return p * x + y["context"][:, :1]
-  teacher = teachers.moe_teacher(apply, apply, 0.875, 4.0, wan_task.negative_cond,
+  teacher = teachers.moe_teacher(apply, apply, 0.875, 4.0, prompts.negative_cond,
                                  guidance_scale_low=3.0)
   x = jnp.ones((2, 1))
   y = {"context": jnp.array([[5.0], [5.0]]), "negative": jnp.array([[1.0], [1.0]])}
@@ -90,7 +96,7 @@ def test_clamp_point_mass_closed_form(boundary, expected):
 def test_config_phase1_sampler_clamp_and_resample(task):
   """The config's phase-1 sampler (grid .833, t_max 1): clamp mass vs closed form; resample."""
   c = _config(f"task={task},tiny")
-  phase1 = config_lib.validate(c).phases[0].t_sampler
+  phase1 = validation.validate(c).phases[0].t_sampler
   b = c.teacher.boundary
   assert phase1.floor == b and phase1.floor_mode == "clamp"
   u_low, u_star = S.unshift(0.833, 5.0), S.unshift(b, 5.0)
@@ -104,7 +110,7 @@ def test_config_phase1_sampler_clamp_and_resample(task):
   assert np.all(t >= np.float32(b))              # phase 1 never reaches the low-noise expert
 
   c.t_sampler.floor_mode = "resample"
-  resampled = config_lib.validate(c).phases[0].t_sampler
+  resampled = validation.validate(c).phases[0].t_sampler
   assert resampled.point_mass_at_floor() == 0.0
   t = np.asarray(resampled(jax.random.PRNGKey(1), (n,)))
   assert np.all(t >= np.float32(b) - 1e-6) and np.mean(t == np.float32(b)) < 1e-3
@@ -118,36 +124,36 @@ def test_config_phase1_sampler_clamp_and_resample(task):
 
 def test_expert_of_phases():
   c = _config("tiny")
-  assert wan_task.expert_of_phases(config_lib.validate(c), 0.875) == (0, 1)
+  assert wan22.expert_of_phases(validation.validate(c), 0.875) == (0, 1)
   c.method, c.num_phases, c.train.num_steps = "phased_dmd", 4, 4
-  assert wan_task.expert_of_phases(config_lib.validate(c), 0.875) == (0, 0, 1, 1)
+  assert wan22.expert_of_phases(validation.validate(c), 0.875) == (0, 0, 1, 1)
   c.method, c.num_phases = "dmd2_sgts", 1
   with pytest.raises(ValueError, match="num_phases=1"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "npz"])
 def test_embeddings_roundtrip_and_cond_fn(tmp_path, ext):
   import ml_dtypes  # pylint: disable=import-outside-toplevel
-  emb = wan_task.random_embeddings(5, 8, 4, seed=3, condition_shape=(2, 1, 2, 2))
+  emb = prompts.random_embeddings(5, 8, 4, seed=3, condition_shape=(2, 1, 2, 2))
   emb.context = np.pad(emb.context, ((0, 0), (0, 4), (0, 0)))    # zero padding to trim
-  emb.context = wan_task.trim(emb.context).astype(ml_dtypes.bfloat16)
+  emb.context = prompts.trim(emb.context).astype(ml_dtypes.bfloat16)
   assert emb.context.shape[1] <= 8
   path = str(tmp_path / f"e.{ext}")
-  wan_task.save_embeddings(path, emb)
-  back = wan_task.load_embeddings(path)
+  prompts.save_embeddings(path, emb)
+  back = prompts.load_embeddings(path)
   np.testing.assert_array_equal(np.asarray(back.context, np.float32),
                                 np.asarray(emb.context, np.float32))
   np.testing.assert_array_equal(back.negative, emb.negative)
   assert back.prompts == emb.prompts and back.negative_prompt == emb.negative_prompt
-  y = wan_task.make_cond_fn(back)(jax.random.PRNGKey(0), (3, 2))
+  y = prompts.make_cond_fn(back)(jax.random.PRNGKey(0), (3, 2))
   n = back.context.shape[1]
   assert y["index"].shape == (3, 2) and y["context"].shape == (3, 2, 8, 4)   # padded to 8
   assert y["negative"].shape == (3, 2, 8, 4) and y["condition"].shape == (3, 2, 2, 1, 2, 2)
   row = np.asarray(y["context"][1, 0], np.float32)
   np.testing.assert_array_equal(row[:n], np.asarray(back.context[int(y["index"][1, 0])], np.float32))
   assert not row[n:].any()
-  assert wan_task.negative_cond(y)["context"] is y["negative"]
+  assert prompts.negative_cond(y)["context"] is y["negative"]
 
 
 def test_write_embeddings_script(tmp_path):
@@ -161,41 +167,41 @@ def test_write_embeddings_script(tmp_path):
   out = str(tmp_path / "e.safetensors")
   script.main(["--prompts", str(tmp_path / "p.txt"), "--from_npy", str(tmp_path / "c.npy"),
                "--negative_npy", str(tmp_path / "n.npy"), "--out", out])
-  e = wan_task.load_embeddings(out)
+  e = prompts.load_embeddings(out)
   assert e.context.shape == (2, 5, 4) and e.prompts == ["a cat", "a dog surfing"]
   assert e.negative.shape == (10, 4)
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
-def test_parts_route_fakes_and_put_each_lora_on_its_expert(task):
+def test_family_routes_fakes_and_puts_each_lora_on_its_expert(task):
   """The tiny Wan through the real loader: fake MoE routes by t; phase k's LoRA sits on the
   expert owning its grid times (phase 1 high, phase 2 low); a fresh LoRA is its expert."""
   c = _config(f"task={task},tiny")
-  parts = wan_task.parts(c, S.flow_matching())
-  high, low = parts["teacher_params"]
-  assert parts["init_params"] is parts["teacher_params"] and parts["kind"] == "latent"
-  assert parts["sample_shape"] == (4, 2, 8, 8)
-  y = parts["cond_fn"](jax.random.PRNGKey(0), (2,))
+  fam = _family(c)
+  high, low = fam.teacher_params
+  assert fam.fake_init is fam.teacher_params and fam.evaluator == "latent_eval"
+  assert fam.sample_shape == (4, 2, 8, 8)
+  y = fam.sample_cond(jax.random.PRNGKey(0), (2,))
   if task == "i2v":   # the image condition rides in y, concatenated to x by the model call
-    assert y["condition"].shape == (2, wan_task.TINY_CONDITION_CHANNELS, 2, 8, 8)
-    assert parts["wan_config"].in_channels == 4 + wan_task.TINY_CONDITION_CHANNELS
-  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + parts["sample_shape"])
+    assert y["condition"].shape == (2, weights.TINY_CONDITION_CHANNELS, 2, 8, 8)
+    assert fam.extras["wan_config"].in_channels == 4 + weights.TINY_CONDITION_CHANNELS
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + fam.sample_shape)
   t = jnp.array([0.95, 0.5])
-  net = parts["net"]
+  net = fam.extras["expert_net"]
 
   @jax.jit
   def run(params, lora, x, t, y):
-    g1, g2 = parts["expert_apply"](params)
-    return (net.apply(params, x, t, y), net.net.apply(params[0], x, t, y),
-            net.net.apply(params[1], x, t, y), g1(lora, x, t, y), g2(lora, x, t, y))
+    g1, g2 = fam.expert_apply(params)
+    return (fam.apply(params, x, t, y), net.apply(params[0], x, t, y),
+            net.apply(params[1], x, t, y), g1(lora, x, t, y), g2(lora, x, t, y))
 
-  moe, v_high, v_low, g1, g2 = run(parts["teacher_params"], parts["expert_init"], x, t, y)
+  moe, v_high, v_low, g1, g2 = run(fam.teacher_params, fam.expert_init, x, t, y)
   assert float(jnp.max(jnp.abs(v_high - v_low))) > 1e-2          # distinguishable experts
   np.testing.assert_allclose(moe[0], v_high[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(moe[1], v_low[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g1, v_high, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g2, v_low, rtol=1e-5, atol=1e-5)
-  assert all(k.startswith("blocks.") and k.endswith(".kernel") for k in parts["expert_init"])
+  assert all(k.startswith("blocks.") and k.endswith(".kernel") for k in fam.expert_init)
 
 
 def test_eval_teacher_sampler_matches_sampling():
@@ -224,7 +230,7 @@ def test_missing_weights_message(tmp_path):
   os.makedirs(tmp_path / "wan" / "transformer")
   (tmp_path / "wan" / "transformer" / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError) as e:
-    config_lib.validate(c)
+    validation.validate(c)
   msg = str(e.value)
   for part in ("model_index.json", "transformer/diffusion_pytorch_model",
                "transformer_2/config.json", "transformer_2/diffusion_pytorch_model",
@@ -235,14 +241,14 @@ def test_missing_weights_message(tmp_path):
   c = _config("task=i2v")
   c.teacher.path = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="Wan2.2-I2V-A14B-Diffusers"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_inputs_checked_against_the_weights_before_loading(tmp_path):
   """Boundary vs model_index.json, embeddings vs transformer/config.json: shapes only."""
   from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
   root = tmp_path / "wan"
-  for sub in wan_task.EXPERT_DIRS:
+  for sub in weights.EXPERT_DIRS:
     os.makedirs(root / sub)
     (root / sub / "config.json").write_text(json.dumps(wan.WAN22_A14B.to_diffusers()))
     (root / sub / "diffusion_pytorch_model.safetensors").write_text("")   # never read
@@ -250,22 +256,22 @@ def test_inputs_checked_against_the_weights_before_loading(tmp_path):
   c = _config()
   c.teacher.path = str(root)
   c.data.embeddings = str(tmp_path / "e.npz")
-  wan_task.save_embeddings(c.data.embeddings, wan_task.random_embeddings(2, 4, 4096))
+  prompts.save_embeddings(c.data.embeddings, prompts.random_embeddings(2, 4, 4096))
   with pytest.raises(ValueError, match="teacher.boundary=0.875.*0.9 .boundary_ratio"):
-    config_lib.validate(c)
+    validation.validate(c)
   c.teacher.boundary = c.t_sampler.phase1_floor = 0.9
-  config_lib.validate(c)                        # files in place: validation passes
-  wan_task.save_embeddings(c.data.embeddings, wan_task.random_embeddings(2, 4, 32))
+  validation.validate(c)                        # files in place: validation passes
+  prompts.save_embeddings(c.data.embeddings, prompts.random_embeddings(2, 4, 32))
   with pytest.raises(ValueError, match="embeddings.*text_dim=4096"):
-    config_lib.validate(c)
-  wan_task.save_embeddings(c.data.embeddings, dataclasses.replace(
-      wan_task.random_embeddings(2, 4, 4096), negative=None))
+    validation.validate(c)
+  prompts.save_embeddings(c.data.embeddings, dataclasses.replace(
+      prompts.random_embeddings(2, 4, 4096), negative=None))
   with pytest.raises(ValueError, match="no 'negative'.*CFG"):
-    config_lib.validate(c)
+    validation.validate(c)
   (tmp_path / "bad.safetensors").write_text("x")
   c.data.embeddings = str(tmp_path / "bad.safetensors")
   with pytest.raises(ValueError, match="not a readable"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def _main(workdir, config_arg, *extra, cache=None):
@@ -317,17 +323,15 @@ def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
   of a low-noise sample reaches only the low LoRA."""
   c = _config("tiny")
   c.fake.lora_rank = 4
-  config_lib.validate(c)
-  parts = wan_task.parts(c, S.flow_matching())
-  hi, lo = parts["init_params"]
+  fam = _family(c)
+  hi, lo = fam.fake_init
   assert set(hi) == set(lo) and all(k.startswith("blocks.") for k in hi)
-  fake = parts["fake_apply"](parts["teacher_params"])
-  net = parts["net"]
-  y = parts["cond_fn"](jax.random.PRNGKey(0), (2,))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + parts["sample_shape"])
+  fake = fam.fake_apply(fam.teacher_params)
+  y = fam.sample_cond(jax.random.PRNGKey(0), (2,))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + fam.sample_shape)
   t = jnp.array([0.95, 0.5])                       # sample 0 -> high expert, 1 -> low
-  np.testing.assert_allclose(fake(parts["init_params"], x, t, y),
-                             net.apply(parts["teacher_params"], x, t, y), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fake(fam.fake_init, x, t, y),
+                             fam.apply(fam.teacher_params, x, t, y), rtol=1e-5, atol=1e-5)
   bump = jax.tree.map(lambda a: a + 0.1, hi)
   moved = fake((bump, lo), x, t, y) - fake((hi, lo), x, t, y)
   assert float(jnp.abs(moved[0]).max()) > 1e-3 and float(jnp.abs(moved[1]).max()) == 0.0
@@ -337,4 +341,4 @@ def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_lo)) > 0.0
   c.fake.lora_rank = -1
   with pytest.raises(ValueError, match="fake.lora_rank"):
-    config_lib.validate(c)
+    validation.validate(c)

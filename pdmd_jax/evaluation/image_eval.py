@@ -90,7 +90,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   labels = np.asarray(labels)
   if video(run):
     from pdmd_jax.evaluation import video_metrics  # pylint: disable=import-outside-toplevel
-    data = (run.teacher_card or {}).get("data") or {}
+    data = (run.family.extras.get("card") or {}).get("data") or {}
     real = video_metrics.real_clips(data, len(labels))[0]
     size = data.get("sprite_size")
     student_rep = video_metrics.video_report(student, labels, reference=teacher, real=real,

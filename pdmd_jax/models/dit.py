@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pdmd_jax import sharding
 from pdmd_jax.models.mlp import timestep_embedding
 
 
@@ -122,6 +123,7 @@ class Block(nnx.Module):
     self.ada = _dense(d, 6 * d, ("embed", "mlp"), rngs, zero=True)   # adaLN-Zero: gates start at 0
 
   def __call__(self, h, c):
+    h = sharding.shard_tokens(h)   # batch over (data, fsdp), tokens over context; see sharding.py
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, -1)
     x = modulate(self.norm1(h), shift1, scale1).astype(self.dtype)
     q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
@@ -129,7 +131,7 @@ class Block(nnx.Module):
     h = h + gate1[:, None] * self.proj(einops.rearrange(a, "b n h d -> b n (h d)")).astype(h.dtype)
     x = modulate(self.norm2(h), shift2, scale2).astype(self.dtype)
     x = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
-    return h + gate2[:, None] * x.astype(h.dtype)
+    return sharding.shard_tokens(h + gate2[:, None] * x.astype(h.dtype))
 
 
 class DiT(nnx.Module):
@@ -193,6 +195,7 @@ class DiT(nnx.Module):
 
   def __call__(self, x, t, y):
     cfg = self.cfg
+    x = sharding.shard_batch(x)
     c = self.t2(jax.nn.silu(self.t1(timestep_embedding(t, cfg.time_dim)))) + self.y_embed(y)
     h = self.embed(self._patchify(x.astype(jnp.float32))) + self.pos_embed()[None]
     block_fn = (lambda blk, h, c: blk(h, c))
@@ -208,7 +211,7 @@ class DiT(nnx.Module):
         h = block_fn(blk, h, c)
     shift, scale = jnp.split(self.ada_out(jax.nn.silu(c)), 2, -1)
     h = self.out(modulate(self.norm_out(h), shift, scale))
-    return self._unpatchify(h).astype(x.dtype)
+    return sharding.shard_batch(self._unpatchify(h).astype(x.dtype))
 
 
 def inflate(image_params, cfg: DiTConfig, video_params):

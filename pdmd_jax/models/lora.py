@@ -89,3 +89,12 @@ def num_params(lora) -> int:
 
 
 DIT_TARGETS = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"   # attention and MLP projections
+
+
+def apply_on(apply, spec: LoraSpec, backbone):
+  """apply(lora, x, t, y) of an adapted network: the frozen ``backbone`` with ``lora`` merged in.
+
+  The backbone is under stop_gradient: only the LoRA tree is trained.
+  """
+  backbone = jax.lax.stop_gradient(backbone)
+  return lambda lora, x, t, y: apply(merge(spec, backbone, lora), x, t, y)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pdmd_jax import sharding
+
 F32 = jnp.float32
 _DIFFUSERS_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
                    "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers",
@@ -288,6 +290,7 @@ class Block(nnx.Module):
     self.scale_shift_table = _table(6, cfg.dim, rngs)
 
   def __call__(self, h, ctx, img, e6, rope):
+    h = sharding.shard_tokens(h)   # batch over (data, fsdp), tokens over context; see sharding.py
     dt = h.dtype
     mod = self.scale_shift_table[...] + e6.astype(F32)                     # [B, 6, D]
     shift, scale, gate, c_shift, c_scale, c_gate = jnp.split(mod, 6, axis=1)
@@ -296,7 +299,7 @@ class Block(nnx.Module):
     x = h if self.norm2 is None else self.norm2(h.astype(F32)).astype(dt)
     h = h + self.attn2(x, ctx, img=img)
     x = (self.norm3(h.astype(F32)) * (1 + c_scale) + c_shift).astype(dt)
-    return (h.astype(F32) + self.ffn(x).astype(F32) * c_gate).astype(dt)
+    return sharding.shard_tokens((h.astype(F32) + self.ffn(x).astype(F32) * c_gate).astype(dt))
 
 
 # ----------------------------------------------------------------------------- model
@@ -364,6 +367,7 @@ class WanTransformer(nnx.Module):
 
   def __call__(self, x, t, context, image_context=None):
     cfg, dt = self.config, self.config.dtype
+    x = sharding.shard_batch(x)
     b, c, nf, nh, nw = x.shape
     pt, ph, pw = cfg.patch_size
     if nf % pt or nh % ph or nw % pw:
@@ -389,7 +393,7 @@ class WanTransformer(nnx.Module):
     shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None].astype(F32), 2, axis=1)
     hs = self.proj_out((self.norm_out(hs.astype(F32)) * (1 + scale) + shift).astype(dt))
     out = hs.reshape(b, f, h, w, pt, ph, pw, -1).transpose(0, 7, 1, 4, 2, 5, 3, 6)
-    return out.reshape(b, -1, nf, nh, nw)
+    return sharding.shard_batch(out.reshape(b, -1, nf, nh, nw))
 
 
 # ----------------------------------------------------------------------------- abstract trees

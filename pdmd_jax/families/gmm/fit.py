@@ -1,4 +1,4 @@
-"""Initialisation of generator experts and fake scores from the teacher.
+"""The MLP fit to the exact mixture teacher: where experts and fake scores start.
 
 DMD initialises the generator and the fake score from the teacher. With an analytic teacher
 there are no network weights to copy, so we first regress an MLP onto the exact teacher

@@ -1,0 +1,160 @@
+"""One assembly of a run: (plan, family, config, mesh) -> step config, shardings, phase steps.
+
+The trainer and the AOT planner (``pdmd_jax.aot``) both call ``build``/``assemble`` and lower
+through ``Assembly.lower``: the planner compiles the trainer's own program (same function,
+same in/out shardings, same donation), from ShapeDtypeStructs instead of arrays.
+
+Shardings: trees with logical axes (the DiT and Wan families) follow the rules of
+``sharding.py`` on the (data, fsdp, tensor, context) mesh; unannotated trees (the mixture's
+MLPs) the rule-free FSDP tactic. Optimizer moments follow their parameters. Activations are
+constrained inside the models (batch over (data, fsdp), tokens over context), which read the
+mesh that ``lower`` sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from pdmd_jax import families
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+from pdmd_jax import sharding as sh
+from pdmd_jax import train_step as ts
+from pdmd_jax import validation
+
+
+def optimizer(block) -> optax.GradientTransformation:
+  """AdamW of a config block (config.generator or config.fake), after global-norm clipping."""
+  return ts.make_optimizer(block.lr, block.b1, block.b2, block.weight_decay, block.grad_clip)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Assembly:
+  """Everything static about a run's steps; ``family`` holds the teacher and initial trees."""
+  config: Any
+  plan: methods.PhasePlan
+  family: families.Family
+  mesh: jax.sharding.Mesh
+  step_cfg: ts.StepConfig
+  state_sharding: Any
+  teacher_sharding: Any
+  batch_sharding: Any
+  rng: jax.Array                   # the run's base key (train_step: fold_in(rng, step))
+  data_key: jax.Array              # conditioning of update ``step``: fold_in(data_key, step)
+
+  @property
+  def batch_shape(self) -> tuple[int, int]:
+    """(rows, batch): row i conditions fake update i, the last row the generator update."""
+    return (self.config.fake.ttur + 1, self.config.train.batch_size)
+
+  def abstract_state(self) -> ts.TrainState:
+    return sh.abstract_with(_abstract_state(self.step_cfg, self.family, self.rng),
+                            self.state_sharding)
+
+  def initial_state(self) -> ts.TrainState:
+    make = lambda p, e: ts.create_state(self.rng, p, self.plan.num_phases, self.step_cfg.gen_tx,
+                                        self.step_cfg.fake_tx, e)
+    return jax.jit(make, out_shardings=self.state_sharding)(self.family.fake_init,
+                                                            self.family.expert_init)
+
+  def teacher_params(self):
+    """The teacher's parameters placed on their shardings (abstract ones stay abstract)."""
+    p = self.family.teacher_params
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(p)):
+      return sh.abstract_with(p, self.teacher_sharding)
+    return jax.device_put(p, self.teacher_sharding)
+
+  def batch_fn(self):
+    """step -> {"y": conditioning [rows, B, ...]}, jitted, a function of (seed, step) only."""
+    fn = lambda step: {"y": self.family.sample_cond(jax.random.fold_in(self.data_key, step),
+                                                    self.batch_shape)}
+    return jax.jit(fn, out_shardings=self.batch_sharding)
+
+  def abstract_batch(self):
+    y = jax.eval_shape(lambda: self.family.sample_cond(jax.random.PRNGKey(0), self.batch_shape))
+    return sh.abstract_with({"y": y}, self.batch_sharding)
+
+  def jit_step(self, k: int):
+    return ts.jit_phase_step(self.step_cfg, k, self.state_sharding, self.teacher_sharding,
+                             self.batch_sharding)
+
+  def lower(self, k: int, state=None, teacher_params=None, batch=None):
+    """Phase k's step lowered for these arguments (default: the abstract ones)."""
+    state = self.abstract_state() if state is None else state
+    teacher_params = self.teacher_params() if teacher_params is None else teacher_params
+    batch = self.abstract_batch() if batch is None else batch
+    with jax.set_mesh(self.mesh):     # the models' activation constraints read it
+      return self.jit_step(k).lower(state, teacher_params, batch)
+
+
+def _abstract_state(step_cfg, family, rng):
+  return jax.eval_shape(
+      lambda r, p, e: ts.create_state(r, p, step_cfg.plan.num_phases, step_cfg.gen_tx,
+                                      step_cfg.fake_tx, e), rng, family.fake_init,
+      family.expert_init)
+
+
+def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> Assembly:
+  """The step config and every sharding of the run (nothing is allocated here)."""
+  g, f = config.generator, config.fake
+  step_cfg = ts.StepConfig(
+      plan=plan, apply=family.apply, teacher=family.teacher,
+      sched=S.get_schedule(config.schedule), sample_shape=tuple(family.sample_shape),
+      gen_tx=optimizer(g), fake_tx=optimizer(f), ttur=f.ttur, weighting=g.weighting,
+      fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
+      expert_apply=family.expert_apply, fake_apply=family.fake_apply)
+  rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract = _abstract_state(step_cfg, family, rng)
+  if family.fake_axes is None:      # unannotated trees: the FSDP tactic
+    state_sharding = sh.tree_shardings(mesh, abstract)
+  else:
+    state_sharding = sh.train_state_shardings(mesh, abstract, (step_cfg.gen_tx, step_cfg.fake_tx),
+                                              family.fake_axes, family.expert_axes)
+  if family.teacher_axes is None:
+    teacher_sharding = sh.tree_shardings(mesh, family.teacher_params)
+  else:
+    teacher_sharding = sh.logical_shardings(mesh, family.teacher_params, family.teacher_axes)
+  shape = (f.ttur + 1, config.train.batch_size)
+  y = jax.eval_shape(lambda: family.sample_cond(jax.random.PRNGKey(0), shape))
+  batch_sharding = {"y": jax.tree.map(lambda a: sh.batch_sharding(mesh, 1, a.ndim), y)}
+  return Assembly(config=config, plan=plan, family=family, mesh=mesh, step_cfg=step_cfg,
+                  state_sharding=state_sharding, teacher_sharding=teacher_sharding,
+                  batch_sharding=batch_sharding, rng=rng, data_key=data_key)
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  return sh.make_mesh(**validation.mesh_sizes(config, len(devices)), devices=devices)
+
+
+def build(config, *, devices=None, abstract: bool = False, workdir: str | None = None) -> Assembly:
+  """Validates ``config`` once, makes the mesh once, builds the family and assembles the run.
+
+  abstract: ShapeDtypeStruct trees, no weight or data file read (AOT planning).
+  """
+  plan = validation.validate(config, files=not abstract)
+  mesh = make_mesh(config, devices)
+  family = families.get(config.teacher.type).build(config, plan, mesh, abstract=abstract,
+                                                   workdir=workdir)
+  return assemble(plan, family, config, mesh)
+
+
+def memory(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled program (XLA's memory_analysis; -1 where unavailable)."""
+  try:
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias",
+                                                              "temp")}
+  except Exception:  # pylint: disable=broad-except  (memory_analysis is backend-dependent)
+    return {k: -1 for k in ("argument", "output", "alias", "temp", "peak")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def num_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))

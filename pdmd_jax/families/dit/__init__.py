@@ -1,0 +1,94 @@
+"""The project's own DiT teachers: MNIST digits (configs/mnist.py) and moving digits (configs/video.py).
+
+The teacher is a trained DiT read from ``teacher.path`` (its card.json + params.safetensors;
+"" = the shipped assets/mnist_teacher), or, with ``teacher.arch`` set to DiTConfig fields, a
+random DiT of that architecture with every weight perturbed by N(0, teacher.perturb) (AOT
+planning, benchmarks and sharding tests: no file needed). Fakes are full copies of the teacher
+(or shared-backbone LoRA fakes), experts LoRA on it (or full copies). Every parameter carries
+logical axes (models/dit.py), so the mesh may use every axis (data, fsdp, tensor, context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import MappingProxyType
+
+import jax
+
+from pdmd_jax import assets
+from pdmd_jax import families
+from pdmd_jax import models
+from pdmd_jax import teachers
+from pdmd_jax import validation as V
+from pdmd_jax.families import common
+from pdmd_jax.models import dit as dit_lib
+
+
+def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-argument
+  t = config.teacher
+  arch = dict(t.get("arch") or {})
+  if arch:
+    fields = {f.name for f in dataclasses.fields(dit_lib.DiTConfig)}
+    unknown = sorted(set(arch) - fields)
+    if unknown:
+      V.fail("teacher.arch", arch, f"DiTConfig fields {sorted(fields)} (unknown: {unknown})")
+    V.positive(config, "teacher.perturb", minimum=0.0)
+  elif t.path and not os.path.exists(os.path.join(t.path, "card.json")):
+    V.fail("teacher.path", t.path, "'' (the shipped MNIST teacher) or a directory with card.json "
+           "and params.safetensors (train one: python main.py --config=configs/mnist_teacher.py "
+           "or --config=configs/video_teacher.py --workdir=DIR; it is written to config.out_dir)")
+  V.choice(config, "model.name", ("dit",))
+  for f in ("model.remat", "model.scan_layers"):
+    if not isinstance(V.get(config, f), bool):
+      V.fail(f, V.get(config, f), [True, False])
+  if not arch and (config.model.remat or config.model.scan_layers):
+    V.fail("model.scan_layers", config.model.scan_layers, "False with model.remat=False for a "
+           "trained teacher (its weights are unscanned); both may be set with teacher.arch")
+  common.validate_lora(config)
+
+
+def dit_config(config) -> tuple[dit_lib.DiTConfig, dict | None]:
+  """(architecture, card) of the run's teacher; reads only card.json for a trained teacher."""
+  t, m = config.teacher, config.model
+  arch = dict(t.get("arch") or {})
+  if arch:
+    cfg = dit_lib.DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
+    return dataclasses.replace(cfg, scan_layers=m.scan_layers, remat=m.remat), None
+  card = assets.load_card(t.path or assets.path("mnist_teacher"))
+  return dit_lib.DiTConfig(**card["model"]), card
+
+
+def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = None):  # pylint: disable=unused-argument
+  t = config.teacher
+  cfg, card = dit_config(config)
+  net, params = models.abstract_dit(cfg)
+  if not abstract and card is None:      # a random DiT of teacher.arch, perturbed
+    params = jax.jit(lambda: models.build_dit(cfg, config.seed)[1])()
+    params = common.perturbed(params, config.seed, t.perturb) if t.perturb else params
+  elif not abstract:
+    params = assets.load(t.path or assets.path("mnist_teacher"), params)
+  axes = models.logical_axes(cfg)
+  return families.Family(
+      name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale),
+      teacher_params=params, teacher_axes=axes, apply=net.apply,
+      sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
+      sample_cond=lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes),
+      extras=MappingProxyType({"card": card, "dit_config": cfg}),
+      **common.adapters(config, net.apply, params, axes, abstract=abstract))
+
+
+def random_config(arch: dit_lib.DiTConfig, arg: str | None = None, overrides: dict | None = None):
+  """configs/mnist.py[:arg] with a random DiT teacher of ``arch`` (AOT plans, benchmarks,
+  sharding tests: no weight file). ``overrides``: {"dotted.field": value}, e.g. {"fake.ttur": 1}."""
+  from pdmd_jax import configs  # pylint: disable=import-outside-toplevel
+  c = configs.load("configs/mnist.py" + (f":{arg}" if arg else ""))
+  c.teacher.arch = dataclasses.asdict(arch)
+  c.model.scan_layers, c.model.remat = arch.scan_layers, arch.remat
+  for field, value in (overrides or {}).items():
+    *parents, leaf = field.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
