@@ -18,16 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdmd_jax import sampling
-
-
-def _diversity(x: np.ndarray, labels: np.ndarray) -> float:
-  out = []
-  for c in np.unique(labels):
-    f = x[labels == c].reshape(int(np.sum(labels == c)), -1)
-    if len(f) > 1:
-      d = np.sqrt(np.maximum(np.sum((f[:, None] - f[None]) ** 2, -1), 0.0))
-      out.append(d.sum() / (len(f) * (len(f) - 1)))
-  return float(np.mean(out))
+from pdmd_jax.evaluation import image_metrics
 
 
 class HealthMonitor:
@@ -50,9 +41,8 @@ class HealthMonitor:
                                                     jnp.asarray(self.labels))))
 
   def _stats(self, x) -> dict:
-    out = {"diversity": _diversity(x, self.labels)}
+    out = {"diversity": image_metrics.pixel_l2(x, self.labels)}
     if self.image:
-      from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
       out["saturation"] = image_metrics.saturation(x)
     if self.video:
       from pdmd_jax.evaluation import motion_metrics  # pylint: disable=import-outside-toplevel

@@ -51,12 +51,37 @@ def fine_grid(grid, substeps: int, shift_value: float) -> tuple[np.ndarray, list
   return np.asarray(times), marks
 
 
+def euler(teacher: teachers.Teacher, teacher_params, times, z, y, marks=None):
+  """The (guided) teacher's Euler steps through ``times`` (t_0 > t_1 > ... > t_M), in one loop.
+
+  One loop means one copy of the teacher in the program whatever M (a 14B MoE compiles once).
+  Returns the states at ``marks`` (indices into ``times``; default: [0, M]) as a list.
+  """
+  times = np.asarray(times, np.float64)
+  marks = [0, len(times) - 1] if marks is None else list(marks)
+  ts = jnp.asarray(times, jnp.float32)
+  slot = np.full(len(times), -1, np.int32)
+  slot[marks] = np.arange(len(marks))
+  slot = jnp.asarray(slot)
+
+  def body(i, carry):
+    x, buf = carry
+    v = teacher.velocity(teacher_params, x, jnp.full((x.shape[0],), ts[i]), y)
+    x = S.euler_step(x, ts[i], ts[i + 1], v)
+    j = jnp.maximum(slot[i + 1], 0)
+    return x, buf.at[j].set(jnp.where(slot[i + 1] >= 0, x, buf[j]))
+
+  buf = jnp.zeros((len(marks),) + z.shape, z.dtype).at[0].set(z)
+  _, buf = jax.lax.fori_loop(0, len(times) - 1, body, (z, buf))
+  return [buf[k] for k in range(len(marks))]
+
+
 def teacher_sample(teacher: teachers.Teacher, teacher_params, plan: methods.PhasePlan, z, y, *,
                    substeps: int, shift_value: float):
-  """Many-step Euler with the (guided) teacher; returns its states at the plan's grid times."""
-  return mixed_sample(plan, None, None, teacher, teacher_params, z, y,
-                      use_teacher=(True,) * plan.num_steps, substeps=substeps,
-                      shift_value=shift_value)
+  """Many-step Euler with the (guided) teacher (``substeps`` per grid interval, uniform in
+  unshifted u); returns its states at the plan's grid times."""
+  times, marks = fine_grid(plan.grid, substeps, shift_value)
+  return euler(teacher, teacher_params, times, z, y, marks)
 
 
 def mixed_sample(plan: methods.PhasePlan, apply, experts, teacher: teachers.Teacher,
@@ -72,16 +97,10 @@ def mixed_sample(plan: methods.PhasePlan, apply, experts, teacher: teachers.Teac
     raise ValueError(f"use_teacher has {len(use_teacher)} entries; the plan has "
                      f"{plan.num_steps} grid steps")
   times, marks = fine_grid(plan.grid, substeps, shift_value)
-  ts = jnp.asarray(times, jnp.float32)
   route = plan.expert_of_step()
-
-  def body(i, x):
-    v = teacher.velocity(teacher_params, x, jnp.full((x.shape[0],), ts[i]), y)
-    return S.euler_step(x, ts[i], ts[i + 1], v)
-
   traj, x = [z], z
   for i, (a, b) in enumerate(zip(marks[:-1], marks[1:])):
-    x = (jax.lax.fori_loop(a, b, body, x) if use_teacher[i]
+    x = (euler(teacher, teacher_params, times[a:b + 1], x, y)[-1] if use_teacher[i]
          else _expert_step(plan, route, apply, experts, i, x, y))
     traj.append(x)
   return traj

@@ -68,14 +68,7 @@ def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: 
   """Euler samples of the (guided) teacher on a shifted ``steps``-step grid, numpy [N, ...]."""
   from pdmd_jax import teachers  # pylint: disable=import-outside-toplevel
   teacher = teachers.network_teacher(apply, cfg.num_classes, guidance_scale)
-  grid = jnp.asarray(S.grid(steps, shift), jnp.float32)
-
-  @jax.jit
-  def run(p, z, y):
-    def body(i, x):
-      v = teacher.velocity(p, x, jnp.full((x.shape[0],), grid[i]), y)
-      return S.euler_step(x, grid[i], grid[i + 1], v)
-    return jax.lax.fori_loop(0, steps, body, z)
+  run = jax.jit(lambda p, z, y: sampling.euler(teacher, p, S.grid(steps, shift), z, y)[-1])
 
   labels = np.asarray(labels)
   out = []

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from pdmd_jax import schedule as S
 from pdmd_jax.data import gmm as gmm_lib
 
-TEACHERS = ("gmm", "dit", "wan")
 ROUTES = ("switch", "where")
 
 

@@ -32,7 +32,9 @@ BAD = [
     ({"fake.ttur": 0}, "fake.ttur=0.*integer >= 1"),
     ({"method": "sid"}, "method='sid'.*allowed.*phased_dmd"),
     ({"teacher.type": "qwen"}, "teacher.type='qwen'.*allowed.*gmm"),
-    ({"teacher.type": "wan"}, "teacher.type='wan'.*every field of configs/wan22.py"),
+    ({"teacher.type": "wan"}, "teacher.type='wan'.*allowed.*'wan22'"),
+    ({"teacher.type": "wan22"}, "teacher.type='wan22'.*every field of configs/wan22.py"),
+    ({"mesh.tensor": 2}, "mesh=.*tensor = context = 1 for the mixture teacher"),
     ({"teacher.dim": 3}, "teacher.dim=3.*\\[2\\] for dataset 'ring'"),
     ({"teacher.dataset": "moons"}, "teacher.dataset='moons'.*ring"),
     ({"generator.weighting": "l2"}, "generator.weighting.*exact"),
@@ -69,4 +71,4 @@ def test_batch_must_divide_over_mesh(gmm_config):
   config.train.batch_size = 60
   config.mesh.data, config.mesh.fsdp = 2, 4
   with pytest.raises(ValueError, match="train.batch_size=60.*multiple of data x fsdp = 8"):
-    validation.mesh_shape(config, 8)
+    validation.mesh_sizes(config, 8)

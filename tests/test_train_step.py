@@ -73,12 +73,9 @@ def test_data2_fsdp4_matches_single_device(gmm_config, variant):
   results = []
   for run in (one, many):
     state = trainer.initial_state(run)
+    fn = run.asm.jit_step(1)    # the trainer's jitted step with its shardings
     for step in range(2):
-      k = run.phase_of(step)
-      fn = ts.jit_phase_step(run.step_cfg, 1, run.state_sharding, run.teacher_sharding,
-                             run.batch_sharding)
       state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))
-      del k
     results.append(jax.device_get((state, metrics)))
   (s1, m1), (s8, m8) = results
   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):

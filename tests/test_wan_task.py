@@ -204,20 +204,31 @@ def test_family_routes_fakes_and_puts_each_lora_on_its_expert(task):
   assert all(k.startswith("blocks.") and k.endswith(".kernel") for k in fam.expert_init)
 
 
-def test_eval_teacher_sampler_matches_sampling():
+def test_teacher_sampler_is_euler_through_the_fine_grid():
+  """sampling.teacher_sample (one fori_loop over every fine step, states kept at the grid
+  times) against a Python loop of Euler steps, and against mixed_sample with the teacher on
+  every interval (one loop per interval)."""
   from pdmd_jax import methods, sampling  # pylint: disable=import-outside-toplevel
-  from pdmd_jax.evaluation import latent_eval  # pylint: disable=import-outside-toplevel
   teacher = teachers.Teacher(apply=lambda p, x, t, y: p * x * (1 + t[:, None]) + y, null_class=0)
   plan = methods.make_plan("phased_dmd_sgts", 4, 2, 5.0)
   z = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
   y = jnp.ones((3, 1))
   kw = dict(substeps=3, shift_value=5.0)
-  a = sampling.teacher_sample(teacher, jnp.float32(-0.7), plan, z, y, **kw)
-  b = jax.jit(lambda p, z, y: latent_eval.teacher_sample(teacher, p, plan, z, y, **kw))(
+  got = jax.jit(lambda p, z, y: sampling.teacher_sample(teacher, p, plan, z, y, **kw))(
       jnp.float32(-0.7), z, y)
-  assert len(a) == len(b) == 5
-  for u, v in zip(a, b):
-    np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+  times, marks = sampling.fine_grid(plan.grid, **kw)
+  x, want = np.asarray(z, np.float64), []
+  for i, t in enumerate(times):
+    if i in marks:
+      want.append(x)
+    if i + 1 < len(times):
+      x = x + (times[i + 1] - t) * (-0.7 * x * (1 + t) + 1.0)
+  mixed = sampling.mixed_sample(plan, None, None, teacher, jnp.float32(-0.7), z, y,
+                                use_teacher=(True,) * 4, **kw)
+  assert len(got) == len(want) == len(mixed) == 5
+  for a, b, c in zip(got, want, mixed):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

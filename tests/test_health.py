@@ -1,0 +1,74 @@
+"""In-loop health: diversity against the teacher's, and the collapse early stop."""
+
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from pdmd_jax import configs
+from pdmd_jax import health
+from pdmd_jax import methods
+from pdmd_jax import schedule as S
+from pdmd_jax import teachers
+from pdmd_jax import trainer
+from pdmd_jax.data import gmm as gmm_lib
+
+
+def _run(expert_apply):
+  """The fields HealthMonitor reads: the exact ring teacher and experts given by ``expert_apply``."""
+  sched = S.flow_matching()
+  gmm = gmm_lib.make("ring", dim=2, num_modes=8, num_classes=2, radius=2.0, std=0.15, seed=0)
+  plan = methods.make_plan("phased_dmd", 4, 4, 3.0)
+  step_cfg = types.SimpleNamespace(experts_apply=lambda tp: expert_apply)
+  config = configs.load("configs/gmm.py:runlocal")
+  return types.SimpleNamespace(sample_shape=(2,), num_classes=2, plan=plan, step_cfg=step_cfg,
+                               teacher=teachers.gmm_teacher(sched, 2), teacher_params=gmm,
+                               config=config)
+
+
+def test_diversity_is_relative_to_the_teachers_and_collapse_is_named():
+  # v = s x / t: an Euler step t -> t' multiplies x by 1 + s (t' - t) / t. s = 1 lands every
+  # sample exactly on 0 (t' = 0 on the last step): zero diversity. s = 0 keeps the noise z.
+  apply = lambda p, x, t, y: p * x / t[:, None]
+  experts = lambda s: tuple(np.float32(s) for _ in range(4))
+  monitor = health.HealthMonitor(_run(apply), seeds=6, min_fraction=0.2)
+  # The teacher's same-class spread: 4 modes per class on a circle of radius 2, mean pairwise
+  # distance between seeds of the same class well above the modes' own std.
+  assert 1.5 < monitor.reference["diversity"] < 4.0
+  collapsed = monitor(types.SimpleNamespace(experts=experts(1.0)))
+  assert collapsed["diversity"] == pytest.approx(0.0, abs=1e-6)
+  assert collapsed["collapsed"].startswith("diversity_vs_teacher=0.000 < 0.2")
+  noise = monitor(types.SimpleNamespace(experts=experts(0.0)))   # x = z ~ N(0, I) in 2-D
+  # E|z - z'| for independent 2-D standard normals is sqrt(pi) ~ 1.77 (12 pairs per class).
+  assert noise["diversity"] == pytest.approx(np.sqrt(np.pi), rel=0.35)
+  assert noise["collapsed"] == ""
+  assert noise["diversity_vs_teacher"] == pytest.approx(
+      noise["diversity"] / monitor.reference["diversity"])
+
+
+def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path, monkeypatch):
+  """A collapse report stops the loop at that step, after saving it, and says why."""
+  config = gmm_config("method=phased_dmd_sgts,steps=4,phases=2,runlocal")
+  config.init_fit.steps = 10
+  config.train.ckpt_every = 8
+  config.health = configs.health(every=2, seeds=2, min_fraction=0.5)
+  calls = []
+
+  class Collapsing:
+    def __init__(self, run, **kw):
+      del run, kw
+
+    def __call__(self, state):
+      calls.append(int(state.step))
+      reason = "diversity_vs_teacher=0.100 < 0.5" if int(state.step) >= 4 else ""
+      return {"diversity_vs_teacher": 0.1 if reason else 1.0, "collapsed": reason}
+
+  monkeypatch.setattr(health, "HealthMonitor", Collapsing)
+  w = str(tmp_path / "run")
+  out = trainer.train_and_evaluate(config, w, devices=jax.devices()[:1], verbose=False)
+  assert out == {"stopped_at_step": 4, "stopped_early": "diversity_vs_teacher=0.100 < 0.5"}
+  assert calls == [2, 4]
+  saved = sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
+  assert saved[-1] == 4            # phase end (4) and the stop both saved step 4; nothing later
