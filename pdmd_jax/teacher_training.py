@@ -68,7 +68,8 @@ def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: 
   """Euler samples of the (guided) teacher on a shifted ``steps``-step grid, numpy [N, ...]."""
   from pdmd_jax import teachers  # pylint: disable=import-outside-toplevel
   teacher = teachers.network_teacher(apply, cfg.num_classes, guidance_scale)
-  run = jax.jit(lambda p, z, y: sampling.euler(teacher, p, S.grid(steps, shift), z, y)[-1])
+  times = np.asarray(S.grid(steps, shift), np.float32)
+  run = jax.jit(lambda p, z, y: sampling.euler(teacher, p, times, z, y)[-1])
 
   labels = np.asarray(labels)
   out = []

@@ -157,7 +157,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       step += 1
       bar.update(1)
       phase_end = run.plan.order == "progressive" and step % run.steps_per_phase == 0
-      if step % config.train.ckpt_every == 0 or phase_end or step == end:
+      saved = step % config.train.ckpt_every == 0 or phase_end or step == end
+      if saved:
         _drain(pending, writer, config.train.log_every)   # never save after a non-finite step
         ckpt.save(state, config.to_dict(), {"phase": k})
       if monitor is not None and (step % h.every == 0 or step == end):
@@ -167,8 +168,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
             writer.add_scalar(f"health/{name}", value, step)
         bar.set_postfix(diversity=f"{report['diversity_vs_teacher']:.2f}")
         if report["collapsed"]:
-          _drain(pending, writer, config.train.log_every)
-          ckpt.save(state, config.to_dict(), {"phase": k})
+          if not saved:
+            _drain(pending, writer, config.train.log_every)
+            ckpt.save(state, config.to_dict(), {"phase": k})
           stopped_early = report["collapsed"]
           say(f"Stopped early at step {step}: collapse against the teacher ({stopped_early}).")
           break

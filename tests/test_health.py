@@ -48,8 +48,10 @@ def test_diversity_is_relative_to_the_teachers_and_collapse_is_named():
       noise["diversity"] / monitor.reference["diversity"])
 
 
-def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path, monkeypatch):
-  """A collapse report stops the loop at that step, after saving it, and says why."""
+@pytest.mark.parametrize("collapse_at", [2, 4])   # 2: no regular save there; 4: a phase end
+def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path, monkeypatch,
+                                                            collapse_at):
+  """A collapse report stops the loop at that step, after saving it (once), and says why."""
   config = gmm_config("method=phased_dmd_sgts,steps=4,phases=2,runlocal")
   config.init_fit.steps = 10
   config.train.ckpt_every = 8
@@ -62,13 +64,14 @@ def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path
 
     def __call__(self, state):
       calls.append(int(state.step))
-      reason = "diversity_vs_teacher=0.100 < 0.5" if int(state.step) >= 4 else ""
+      reason = "diversity_vs_teacher=0.100 < 0.5" if int(state.step) >= collapse_at else ""
       return {"diversity_vs_teacher": 0.1 if reason else 1.0, "collapsed": reason}
 
   monkeypatch.setattr(health, "HealthMonitor", Collapsing)
   w = str(tmp_path / "run")
   out = trainer.train_and_evaluate(config, w, devices=jax.devices()[:1], verbose=False)
-  assert out == {"stopped_at_step": 4, "stopped_early": "diversity_vs_teacher=0.100 < 0.5"}
-  assert calls == [2, 4]
+  assert out == {"stopped_at_step": collapse_at,
+                 "stopped_early": "diversity_vs_teacher=0.100 < 0.5"}
+  assert calls == list(range(2, collapse_at + 1, 2))
   saved = sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
-  assert saved[-1] == 4            # phase end (4) and the stop both saved step 4; nothing later
+  assert saved[-1] == collapse_at  # the stop is saved; nothing after it

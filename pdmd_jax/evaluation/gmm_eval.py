@@ -59,22 +59,22 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
 
 def metrics_markdown(out: dict) -> str:
   cols = ["modes_covered", "weight_error_max", "std_ratio", "sliced_wasserstein", "mmd"]
-  lines = ["| sampler | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+  rows = []
   for who, label in (("teacher", "teacher (many-step Euler)"), ("student", "distilled (few-step)")):
-    vals = []
+    row = {"sampler": label}
     for col in cols:
-      v = out.get(f"{who}/{col}")
-      vals.append("-" if v is None else (f"{v:.0f}/{out[f'{who}/num_modes']:.0f}"
-                                          if col == "modes_covered" else f"{v:.4f}"))
-    lines.append(f"| {label} | " + " | ".join(vals) + " |")
+      if f"{who}/{col}" in out:
+        v = out[f"{who}/{col}"]
+        row[col] = f"{v:.0f}/{out[f'{who}/num_modes']:.0f}" if col == "modes_covered" else v
+    rows.append(row)
+  text = gmm_metrics.markdown_table(rows, ["sampler"] + cols)
+  dist = "mean dist. to nearest (1-t_k)mu"
   bnds = sorted({k.split("/")[0] for k in out if k.startswith("boundary_")})
   if bnds:
-    lines += ["", "| boundary | t_k | mean dist. to nearest (1-t_k)mu, distilled | teacher | ratio |",
-              "|---|---|---|---|---|"]
-    for b in bnds:
-      lines.append(f"| {b} | {out[b + '/t']:.4f} | {out[b + '/student_dist']:.4f} | "
-                   f"{out[b + '/teacher_dist']:.4f} | {out[b + '/ratio']:.3f} |")
-  return "\n".join(lines) + "\n"
+    rows = [{"boundary": b, "t_k": out[b + "/t"], f"{dist}, distilled": out[b + "/student_dist"],
+             "teacher": out[b + "/teacher_dist"], "ratio": out[b + "/ratio"]} for b in bnds]
+    text += "\n\n" + gmm_metrics.markdown_table(rows, list(rows[0]))
+  return text + "\n"
 
 
 def _plot(run, student, teacher, exact, path):

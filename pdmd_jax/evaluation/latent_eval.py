@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdmd_jax import sampling
+from pdmd_jax.evaluation import gmm_metrics
 from pdmd_jax.evaluation import image_metrics
 
 
@@ -174,11 +175,11 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
 
 def metrics_markdown(out: dict, run=None) -> str:
   sub = run.config.eval.teacher_substeps * run.plan.num_steps if run else "many"
-  lines = [f"| distilled vs teacher ({sub}-step Euler, CFG) | value |", "|---|---|"]
-  for k in ("mse_to_teacher", "rel_mse_to_teacher", "channel_mean_gap_max",
-            "channel_std_ratio_min", "channel_std_ratio_max", "student/diversity",
-            "teacher/diversity", "diversity_ratio"):
-    lines.append(f"| {k} | {out[k]:.4f} |")
-  for k in sorted(k for k in out if k.startswith("boundary_") and k.endswith("mse_to_teacher")):
-    lines.append(f"| {k} (t={out[k.split('/')[0] + '/t']:.3f}) | {out[k]:.4f} |")
-  return "\n".join(lines) + "\n"
+  head = f"distilled vs teacher ({sub}-step Euler, CFG)"
+  keys = ["mse_to_teacher", "rel_mse_to_teacher", "channel_mean_gap_max", "channel_std_ratio_min",
+          "channel_std_ratio_max", "student/diversity", "teacher/diversity", "diversity_ratio"]
+  rows = [{head: k, "value": out[k]} for k in keys]
+  rows += [{head: f"{k} (t={out[k.split('/')[0] + '/t']:.3f})", "value": out[k]}
+           for k in sorted(k for k in out if k.startswith("boundary_")
+                           and k.endswith("mse_to_teacher"))]
+  return gmm_metrics.markdown_table(rows, [head, "value"]) + "\n"

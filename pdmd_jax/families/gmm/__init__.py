@@ -62,7 +62,8 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   else:
     params = _fit(config, workdir, net, params, teacher, gmm, sched)
   return families.Family(
-      name="gmm", teacher=teacher, teacher_params=gmm, teacher_axes=None, apply=net.apply,
+      name="gmm", teacher=teacher, teacher_params=jax.eval_shape(lambda: gmm) if abstract else gmm,
+      teacher_axes=None, apply=net.apply,
       fake_init=params, fake_axes=None, expert_init=params, expert_axes=None,
       sample_shape=(t.dim,), num_classes=t.num_classes, evaluator="gmm_eval",
       sample_cond=lambda key, shape: gmm_lib.sample_labels(key, gmm, t.num_classes, shape),
