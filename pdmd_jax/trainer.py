@@ -41,7 +41,7 @@ class Run:
   """An assembled run plus the concrete teacher parameters placed on their shardings."""
   asm: assembly.Assembly
   teacher_params: Any
-  _batch_fn: Any = None
+  batch_fn: Any                    # step -> {"y": ...} (jitted, sharded)
 
   config = property(lambda self: self.asm.config)
   plan = property(lambda self: self.asm.plan)
@@ -75,7 +75,7 @@ class Run:
 def build(config, workdir: str | None = None, devices=None) -> Run:
   """Validates ``config`` and builds the run (teacher, networks, mesh, shardings)."""
   asm = assembly.build(config, devices=devices, workdir=workdir)
-  return Run(asm=asm, teacher_params=asm.teacher_params())
+  return Run(asm=asm, teacher_params=asm.teacher_params(), batch_fn=asm.batch_fn())
 
 
 def initial_state(run: Run) -> ts.TrainState:
@@ -84,9 +84,7 @@ def initial_state(run: Run) -> ts.TrainState:
 
 def batch_for_step(run: Run, step: int):
   """Conditioning for generator update ``step``: [ttur + 1, B, ...], a function of (seed, step)."""
-  if run._batch_fn is None:  # pylint: disable=protected-access
-    run._batch_fn = run.asm.batch_fn()  # pylint: disable=protected-access
-  return run._batch_fn(np.int32(step))  # pylint: disable=protected-access
+  return run.batch_fn(np.int32(step))
 
 
 def compile_phase_steps(run: Run, state) -> tuple[dict, dict]:
@@ -118,9 +116,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   say = print if verbose else (lambda *a, **k: None)
   say(run.plan.describe())
   ckpt = checkpointing.Checkpointer(workdir, run.plan.num_phases, config.train.max_to_keep)
-  state = initial_state(run)
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(checkpointing.abstract_like(state, run.state_sharding))
+  if ckpt.latest_step() is None:
+    state = initial_state(run)
+  else:   # restore onto the abstract state: no second copy of the state is allocated
+    state, meta = ckpt.restore(run.asm.abstract_state())
     say(f"Resumed from {ckpt.directory} at step {meta['step']} (phase "
         f"{run.phase_of(min(meta['step'], config.train.num_steps - 1)) + 1}).")
   compiled, memory = compile_phase_steps(run, state)
@@ -248,7 +247,7 @@ def restore_latest(config, workdir: str, devices=None):
   ckpt = checkpointing.Checkpointer(workdir, run.plan.num_phases, config.train.max_to_keep)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first (--mode=train)")
-  state, _ = ckpt.restore(checkpointing.abstract_like(initial_state(run), run.state_sharding))
+  state, _ = ckpt.restore(run.asm.abstract_state())
   ckpt.close()
   return run, state
 
