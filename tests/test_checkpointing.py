@@ -1,10 +1,11 @@
 """Resume equals not stopping; half-written checkpoints are ignored; NaN stops the run."""
 
 import os
+import re
 import shutil
 
+import chex
 import jax
-import jax.numpy as jnp
 import pytest
 
 from pdmd_jax import trainer
@@ -19,7 +20,17 @@ def _config(gmm_config):
   return config
 
 
+def _saved_steps(workdir):
+  ckdir = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+
+
 def test_resume_is_bit_identical(gmm_config, tmp_path):
+  """Stop at step 3, resume to 8: every leaf equals the uninterrupted run's, bit for bit.
+
+  Catches: randomness that depends on history rather than (rng, step), optimizer state or the
+  rng not saved/restored, dtype changes across a save/restore, and a resume from the wrong step.
+  """
   config = _config(gmm_config)
   dev = jax.devices()[:1]
   a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -28,14 +39,19 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   out = trainer.train_and_evaluate(config, b, devices=dev, stop_at_step=3, final_eval=False,
                                    evaluate_phases=False, verbose=False)
   assert out == {"stopped_at_step": 3}
+  assert _saved_steps(b) == [2, 3]          # ckpt_every = 2, plus the stop step
   trainer.train_and_evaluate(config, b, devices=dev, final_eval=False, evaluate_phases=False,
                              verbose=False)
   (_, sa), (_, sb) = trainer.restore_latest(config, a, dev), trainer.restore_latest(config, b, dev)
   assert int(sa.step) == int(sb.step) == 8
-  leaves_a, leaves_b = jax.tree.leaves(sa), jax.tree.leaves(sb)
-  assert len(leaves_a) == len(leaves_b) > 0
-  for x, y in zip(leaves_a, leaves_b):   # every expert, fake score, optimizer state and the rng
-    assert x.dtype == y.dtype and bool(jnp.array_equal(x, y))
+  sa, sb = jax.device_get(sa), jax.device_get(sb)
+  assert jax.tree.leaves(sa)
+  # Every expert, fake score, optimizer state and the rng: same structure, shapes, dtypes, bits.
+  chex.assert_trees_all_equal(sa, sb, strict=True)
+  # Training did something (so the equality above is not that of two untouched initial states).
+  init = jax.device_get(trainer.initial_state(trainer.build(config, None, devices=dev)))
+  assert not all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(init.experts),
+                                                       jax.tree.leaves(sa.experts)))
 
   # A save killed mid-write leaves orbax's temporary directory: it must be ignored.
   ckdir = os.path.join(b, "checkpoints")
@@ -44,19 +60,42 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
     shutil.rmtree(os.path.join(ckdir, "10.orbax-checkpoint-tmp-1", item))
   _, sc = trainer.restore_latest(config, b, dev)
   assert int(sc.step) == 8
+  chex.assert_trees_all_equal(jax.device_get(sc), sb, strict=True)
 
 
 def test_non_finite_stops_with_step_and_metric(gmm_config, tmp_path):
+  """Two good updates (checkpoint at step 2), then a resume with lr = 1e37 blows up.
+
+  The first huge update is step 2's (its own metrics are computed before the update, so they
+  are finite); the overflowed expert makes step 3's losses non-finite. The run must raise
+  naming step 3 and the metric, keep the step-2 checkpoint untouched, and save nothing after
+  it (the save due at step 4 comes after the bad step). Catches: a save before the queued
+  metrics are checked (a NaN checkpoint at step 4), a silent NaN run, an error without the step
+  or metric, and (unlike a run that blows up at step 0) a vacuous "nothing was saved" pass.
+  """
   config = _config(gmm_config)
-  config.generator.lr = 1e37        # the first generator update overflows the expert
+  dev = jax.devices()[:1]
   w = str(tmp_path / "nan")
+  out = trainer.train_and_evaluate(config, w, devices=dev, stop_at_step=2, final_eval=False,
+                                   evaluate_phases=False, verbose=False)
+  assert out == {"stopped_at_step": 2}
+  assert _saved_steps(w) == [2]
+  _, good = trainer.restore_latest(config, w, dev)
+  good = jax.device_get(good)
+  chex.assert_tree_all_finite(good)
+
+  config.generator.lr = 1e37               # the first update after the resume overflows
   with pytest.raises(trainer.NonFiniteError, match=r"non-finite \w+=.* at step \d+") as err:
-    trainer.train_and_evaluate(config, w, devices=jax.devices()[:1], evaluate_phases=False,
-                               verbose=False)
-  bad_step = int(str(err.value).split(" at step ")[1].split()[0])
-  ckdir = os.path.join(w, "checkpoints")
-  saved = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
-  assert all(s <= bad_step for s in saved)   # nothing saved after the bad update
-  if saved:
-    _, state = trainer.restore_latest(config, w, jax.devices()[:1])
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.experts))
+    trainer.train_and_evaluate(config, w, devices=dev, evaluate_phases=False, verbose=False)
+  bad_step = int(re.search(r" at step (\d+)", str(err.value)).group(1))
+  assert bad_step == 3, str(err.value)
+  saved = _saved_steps(w)
+  assert saved, "no checkpoint was written before the non-finite step"
+  assert all(s <= bad_step for s in saved), (saved, bad_step)   # nothing saved after it
+  assert saved == [2]
+  _, state = trainer.restore_latest(config, w, dev)
+  state = jax.device_get(state)
+  assert int(state.step) == 2
+  chex.assert_tree_all_finite(state.experts)
+  chex.assert_tree_all_finite(state)
+  chex.assert_trees_all_equal(state, good, strict=True)   # the last good checkpoint, untouched

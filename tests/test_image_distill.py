@@ -111,6 +111,7 @@ def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
     trainer.build(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=1, fsdp=4, tensor=2)])   # data x fsdp: test_train_step
 def test_trainer_shards_by_the_logical_rules_and_matches_one_device(tiny_teacher, mesh):
   """On 8 simulated devices the trainer's state follows sharding.DEFAULT_RULES (LoRA factors

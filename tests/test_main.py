@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +22,7 @@ def _main(workdir, *extra):
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=True)
 
 
+@pytest.mark.slow
 def test_train_resume_sample_eval(tmp_path):
   w = str(tmp_path / "run")
   first = _main(w)

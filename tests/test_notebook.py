@@ -7,6 +7,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "mnist_teacher", "card.json")),
                     reason="the shipped teacher asset is missing")
 def test_quickstart_notebook_executes(monkeypatch, tmp_path):

@@ -1,4 +1,9 @@
-"""Schedule identities (spec §7 items 1, 2, 3, 8, 9, 11), t-samplers and phase plans."""
+"""Schedule identities (spec §7 items 1, 2, 3, 8, 9, 11), t-samplers and phase plans.
+
+Expected values come from outside the implementation: closed forms at specific numbers worked
+out by hand (in the docstrings), limits, consistency identities between different functions,
+Monte-Carlo estimates and round trips; never the function body written out again.
+"""
 
 import chex
 import jax
@@ -18,6 +23,18 @@ SCHEDULE_NAMES = (("flow_matching", "flow_matching"), ("vp_cosine", "vp_cosine")
 T_S_PAIRS = np.array([[0.3, 0.0], [0.5, 0.1], [0.8, 0.6], [0.95, 0.8333], [0.99, 0.9375],
                       [1.0, 0.5], [0.7, 0.69]], np.float32)
 
+# Schedules written out independently of pdmd_jax.schedule (numpy, float64): (alpha_t, sigma_t).
+HAND = {"flow_matching": lambda t: (1.0 - t, t),
+        "vp_cosine": lambda t: (np.cos(np.pi * t / 2), np.sin(np.pi * t / 2))}
+
+# Hand-worked transitions. FM, s = 1/4, t = 3/4: alpha_s = 3/4, alpha_t = 1/4, so
+# alpha_{t|s} = 1/3 and sigma_{t|s}^2 = 9/16 - (1/9)(1/16) = 80/144 = 5/9.
+# VP cosine, s = 1/3, t = 2/3: alpha_s = sqrt3/2, sigma_s = 1/2, alpha_t = 1/2, sigma_t = sqrt3/2,
+# so alpha_{t|s} = 1/sqrt3 and sigma_{t|s}^2 = 3/4 - (1/3)(1/4) = 2/3.
+EXACT_TRANSITIONS = (
+    ("flow_matching", 0.25, 0.75, 1.0 / 3.0, np.sqrt(5.0) / 3.0),
+    ("vp_cosine", 1.0 / 3.0, 2.0 / 3.0, 1.0 / np.sqrt(3.0), np.sqrt(2.0 / 3.0)))
+
 
 def _rand(seed, shape):
   """Standard normal test inputs (numpy RNG: cheaper than eager jax.random on CPU)."""
@@ -29,20 +46,99 @@ def _draw(sampler, seed, n):
   return np.asarray(jax.jit(lambda k: sampler(k, (n,)))(jax.random.PRNGKey(seed)))
 
 
+class ExactValuesTest(parameterized.TestCase):
+  """Closed forms at specific numbers, and the limits s = 0 and t = s."""
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_endpoints(self, name):
+    """alpha_0 = 1, sigma_0 = 0 (clean data) and alpha_1 = 0, sigma_1 = 1 (pure noise).
+
+    Catches a schedule with alpha and sigma swapped or a time axis reversed.
+    """
+    a, s = S.alpha_sigma(S.get_schedule(name), jnp.asarray([0.0, 1.0]))
+    np.testing.assert_allclose(a, [1.0, 0.0], atol=1e-7)
+    np.testing.assert_allclose(s, [0.0, 1.0], atol=1e-7)
+    t = np.linspace(0.0, 1.0, 11)
+    a, s = S.alpha_sigma(S.get_schedule(name), jnp.asarray(t, jnp.float32))
+    want_a, want_s = HAND[name](t)
+    np.testing.assert_allclose(a, want_a, atol=1e-6)
+    np.testing.assert_allclose(s, want_s, atol=1e-6)
+
+  @parameterized.named_parameters(*[(e[0], *e) for e in EXACT_TRANSITIONS])
+  def test_transition_at_hand_worked_point(self, name, s, t, a_ts, s_ts):
+    """FM (1/4 -> 3/4): (1/3, sqrt5/3); VP cosine (1/3 -> 2/3): (1/sqrt3, sqrt(2/3)).
+
+    Catches alpha_{t|s} = alpha_s/alpha_t, a missing square on alpha_{t|s}, sigma_{t|s} without
+    the sqrt, or the variance subtracted the wrong way round.
+    """
+    sched = S.get_schedule(name)
+    got = S.transition(sched, jnp.float32(t), jnp.float32(s))
+    np.testing.assert_allclose(np.asarray(got, np.float64), [a_ts, s_ts], rtol=1e-6)
+
+  def test_dmd_weight_at_hand_worked_points(self):
+    """w_{t|s} = alpha_t alpha_{t|s} / (alpha_t sigma_t + sigma_t^2):
+
+    FM, s = 1/4, t = 3/4: (1/4)(1/3) / (3/16 + 9/16) = 1/9; s = 0: (1/16) / (3/4) = 1/12.
+    VP, s = 1/3, t = 2/3: (1/2)(1/sqrt3) / (sqrt3/4 + 3/4) = 2 / (3 (1 + sqrt3)).
+    Catches w_{t|s} missing its alpha_{t|s} factor (1/12 instead of 1/9) or a wrong denominator.
+    """
+    fm, vp = S.flow_matching(), S.variance_preserving_cosine()
+    np.testing.assert_allclose(float(S.dmd_weight(fm, jnp.float32(0.75), 0.25)), 1 / 9, rtol=1e-6)
+    np.testing.assert_allclose(float(S.dmd_weight(fm, jnp.float32(0.75), 0.0)), 1 / 12, rtol=1e-6)
+    np.testing.assert_allclose(float(S.dmd_weight(vp, jnp.float32(2 / 3), jnp.float32(1 / 3))),
+                               2 / (3 * (1 + np.sqrt(3))), rtol=1e-5)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_limit_s_zero(self, name):
+    """s = 0: p(x_t | x_0) itself, i.e. alpha_{t|0} = alpha_t and sigma_{t|0} = sigma_t."""
+    sched = S.get_schedule(name)
+    t = np.linspace(0.05, 1.0, 20)
+    a_ts, s_ts = S.transition(sched, jnp.asarray(t, jnp.float32), 0.0)
+    want_a, want_s = HAND[name](t)
+    np.testing.assert_allclose(a_ts, want_a, atol=1e-6)
+    np.testing.assert_allclose(s_ts, want_s, atol=1e-6)
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_limit_t_equals_s(self, name):
+    """t = s: the transition is the identity (alpha 1, sigma at its floor sqrt(1e-8) = 1e-4)."""
+    sched = S.get_schedule(name)
+    s = jnp.asarray([0.0, 0.3, 0.8333, 0.99])
+    a_ts, s_ts = S.transition(sched, s, s)
+    np.testing.assert_allclose(a_ts, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(s_ts, np.sqrt(S.SIGMA2_FLOOR), rtol=1e-3)
+    x, eps = _rand(20, (4, 3)), _rand(21, (4, 3))
+    chex.assert_trees_all_close(S.renoise(sched, x, s, s, eps), x, atol=1e-3)
+
+
 class CompositionTest(parameterized.TestCase):
   """§7 item 1: alpha_{t|s} alpha_s = alpha_t and sigma_{t|s}^2 + alpha_{t|s}^2 sigma_s^2 = sigma_t^2."""
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
   def test_transition_composes(self, name):
-    """Both composition identities hold on a set of (t, s) pairs."""
+    """Both composition identities hold on a set of (t, s) pairs (alpha_t, sigma_t by hand)."""
     sched = S.get_schedule(name)
-    t, s = jnp.asarray(T_S_PAIRS[:-1, 0]), jnp.asarray(T_S_PAIRS[:-1, 1])
+    t, s = T_S_PAIRS[:-1, 0].astype(np.float64), T_S_PAIRS[:-1, 1].astype(np.float64)
+    a_ts, s_ts = [np.asarray(v, np.float64) for v in
+                  S.transition(sched, jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32))]
+    a_t, s_t = HAND[name](t)
+    a_s, s_s = HAND[name](s)
+    np.testing.assert_allclose(a_ts * a_s, a_t, atol=1e-6)
+    np.testing.assert_allclose(s_ts**2 + a_ts**2 * s_s**2, s_t**2, atol=1e-6)
+    self.assertTrue(np.all(s_ts > 0))
+
+  @parameterized.named_parameters(*SCHEDULE_NAMES)
+  def test_two_transitions_compose(self, name):
+    """p(x_t | x_u) composed with p(x_u | x_s) is p(x_t | x_s): alpha multiplies, variance adds.
+
+    alpha_{t|u} alpha_{u|s} = alpha_{t|s}, sigma_{t|u}^2 + alpha_{t|u}^2 sigma_{u|s}^2 = sigma_{t|s}^2.
+    """
+    sched = S.get_schedule(name)
+    s, u, t = jnp.float32(0.2), jnp.float32(0.55), jnp.float32(0.9)
+    a_tu, s_tu = S.transition(sched, t, u)
+    a_us, s_us = S.transition(sched, u, s)
     a_ts, s_ts = S.transition(sched, t, s)
-    a_t, s_t = S.alpha_sigma(sched, t)
-    a_s, s_s = S.alpha_sigma(sched, s)
-    chex.assert_trees_all_close(a_ts * a_s, a_t, atol=1e-6)
-    chex.assert_trees_all_close(s_ts**2 + a_ts**2 * s_s**2, s_t**2, atol=1e-6)
-    self.assertTrue(bool(jnp.all(s_ts > 0)))
+    np.testing.assert_allclose(float(a_tu * a_us), float(a_ts), rtol=1e-6)
+    np.testing.assert_allclose(float(s_tu**2 + a_tu**2 * s_us**2), float(s_ts**2), rtol=1e-5)
 
   def test_flow_matching_sigma_ts_closed_form(self):
     """FM: sigma_{t|s}^2 = t^2 - (1-t)^2 s^2 / (1-s)^2 > 0 for t > s."""
@@ -63,10 +159,10 @@ class CompositionTest(parameterized.TestCase):
     """x_s ~ p(x_s|x_0) then renoise to t gives x_t ~ N(alpha_t x_0, sigma_t^2) (Monte Carlo)."""
     sched = S.get_schedule(name)
     n, x0, s, t = 400_000, 0.7, 0.6, 0.8
-    a_s, s_s = S.alpha_sigma(sched, s)
+    a_s, s_s = HAND[name](s)
     x_s = a_s * x0 + s_s * _rand(0, (n, 1))
     x_t = S.renoise(sched, x_s, s, jnp.full((n,), t), _rand(1, (n, 1)))
-    a_t, s_t = S.alpha_sigma(sched, t)
+    a_t, s_t = HAND[name](t)
     tol = 5 * float(s_t) / np.sqrt(n)
     self.assertAlmostEqual(float(jnp.mean(x_t)), float(a_t) * x0, delta=tol)
     self.assertAlmostEqual(float(jnp.std(x_t)), float(s_t), delta=tol)
@@ -77,11 +173,12 @@ class ReductionAtZeroTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
   def test_dmd_weight_at_zero(self, name):
-    """w_{t|0} = w_t = alpha_t^2 / (alpha_t sigma_t + sigma_t^2)."""
+    """w_{t|0} = w_t = alpha_t^2 / (alpha_t sigma_t + sigma_t^2) (Eq. 7, alpha and sigma by hand)."""
     sched = S.get_schedule(name)
-    t = jnp.linspace(0.05, 0.99, 17)
-    a, s = S.alpha_sigma(sched, t)
-    chex.assert_trees_all_close(S.dmd_weight(sched, t, 0.0), a**2 / (a * s + s**2), rtol=1e-5)
+    t = np.linspace(0.05, 0.99, 17)
+    a, s = HAND[name](t)
+    np.testing.assert_allclose(S.dmd_weight(sched, jnp.asarray(t, jnp.float32), 0.0),
+                               a**2 / (a * s + s**2), rtol=1e-5)
 
   def test_flow_matching_dmd_weights(self):
     """FM: w_t = (1-t)^2/t and w_{t|s} = (1-t)^2 / ((1-s) t)."""
@@ -96,40 +193,68 @@ class ReductionAtZeroTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
   def test_fake_targets_at_zero(self, name):
-    """Eq. 11 target -> eps - x_0 (= Eq. 4); Eq. 13 -> weight clamp(1/sigma_t^2, 0, 10), scale sigma_t."""
+    """Eq. 11 target -> eps - x_0 (= Eq. 4); Eq. 13 -> weight min(1/sigma_t^2, 10), scale sigma_t.
+
+    Catches a subinterval target that does not reduce to the teacher's own objective at s = 0.
+    """
     sched = S.get_schedule(name)
     b = 16
     x0, eps = _rand(0, (b, 3)), _rand(1, (b, 3))
-    t = jnp.linspace(0.02, 0.98, b)
+    t = np.linspace(0.02, 0.98, b)
+    _, s_t = HAND[name](t)
+    t = jnp.asarray(t, jnp.float32)
     w, scale, target = losses.fake_target(sched, x0, 0.0, t, eps, "eq11")
     chex.assert_trees_all_close(target, eps - x0, atol=1e-5)
     chex.assert_trees_all_close(w, jnp.ones((b,)))
     chex.assert_trees_all_close(scale, jnp.ones((b, 1)))
     w13, scale13, target13 = losses.fake_target(sched, x0, 0.0, t, eps, "eq13")
-    _, s_t = S.alpha_sigma(sched, t)
-    chex.assert_trees_all_close(w13, jnp.minimum(1.0 / s_t**2, 10.0), rtol=1e-5)
-    chex.assert_trees_all_close(scale13[:, 0], s_t, rtol=1e-6)
-    chex.assert_trees_all_close(target13, s_t[:, None] * (eps - x0), atol=1e-5)
+    np.testing.assert_allclose(w13, np.minimum(1.0 / s_t**2, 10.0), rtol=1e-5)
+    np.testing.assert_allclose(scale13[:, 0], s_t, rtol=1e-6)
+    np.testing.assert_allclose(target13, s_t[:, None] * (eps - x0), atol=1e-5)
     # Eq. 13 loss at s = 0 is min(1, 10 sigma_t^2) ||psi - (eps - x0)||^2.
     psi = _rand(2, (b, 3))
     per = jax.vmap(lambda *a: losses.fake_loss(*(v[None] for v in a)))(psi, w13, scale13, target13)
-    expected = jnp.minimum(1.0, 10 * s_t**2) * jnp.mean((psi - (eps - x0))**2, axis=1)
-    chex.assert_trees_all_close(per, expected, rtol=1e-4, atol=1e-6)
+    expected = np.minimum(1.0, 10 * s_t**2) * np.mean((psi - (eps - x0))**2, axis=1)
+    np.testing.assert_allclose(per, expected, rtol=1e-4, atol=1e-6)
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
-  def test_eq12_target_at_zero(self, name):
-    """Eq. 12 target x_s/alpha_s - alpha_t sigma_s^2/(alpha_s^2 sigma_{t|s}) eps -> x_0 at s = 0.
+  def test_eq12_target_is_the_x0_of_the_eq11_target(self, name):
+    """The Eq. 12 target x0~ is the x0 that v_to_x0 reads off the Eq. 11 target at x_t.
 
-    losses.fake_target has no 'eq12' option (velocity fakes only); the formula is the spec's.
+    Independent pieces: renoise (x_t), fake_target('eq11') (v target) and v_to_x0 must agree on
+    x0~ = x_s/alpha_s - alpha_t sigma_s^2 / (alpha_s^2 sigma_{t|s}) eps; at s = 0 that is x_0.
     """
     sched = S.get_schedule(name)
     x0, eps = _rand(3, (8, 2)), _rand(4, (8, 2))
-    t = jnp.linspace(0.1, 0.9, 8)[:, None]
-    a_t, _ = S.alpha_sigma(sched, t)
-    a_s, s_s = S.alpha_sigma(sched, jnp.float32(0.0))
-    _, s_ts = S.transition(sched, t, 0.0)
-    target12 = x0 / a_s - a_t * s_s**2 / (a_s**2 * s_ts) * eps
-    chex.assert_trees_all_close(target12, x0, atol=1e-7)
+    t = jnp.linspace(0.1, 0.9, 8)
+    x_t = S.renoise(sched, x0, 0.0, t, eps)
+    _, _, v_target = losses.fake_target(sched, x0, 0.0, t, eps, "eq11")
+    chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v_target), x0, atol=1e-5)
+
+  def test_eq11_eq12_targets_at_hand_worked_point(self):
+    """FM, s = 1/4, t = 3/4 (alpha_{t|s} = 1/3, sigma_{t|s} = sqrt5/3):
+
+    x0~ = (4/3) x_s - eps / (12 sqrt5), eps~ = 9 eps / (4 sqrt5), and the Eq. 11 target
+    eps~ - x0~ = 7 eps / (3 sqrt5) - (4/3) x_s; Eq. 13: weight 9/5, scale sqrt5/3, target
+    (7/9) eps - (4 sqrt5 / 9) x_s. Catches any wrong coefficient of Eq. 11/13 at s > 0.
+    """
+    sched = S.flow_matching()
+    x_s = jnp.asarray([[1.0], [0.0], [2.0]])
+    eps = jnp.asarray([[0.0], [1.0], [-1.0]])
+    t = jnp.full((3,), 0.75)
+    r5 = np.sqrt(5.0)
+    _, _, v = losses.fake_target(sched, x_s, 0.25, t, eps, "eq11")
+    want_v = 7 / (3 * r5) * np.asarray(eps) - 4 / 3 * np.asarray(x_s)
+    np.testing.assert_allclose(v, want_v, rtol=1e-6, atol=1e-6)
+    x_t = S.renoise(sched, x_s, 0.25, t, eps)
+    np.testing.assert_allclose(x_t, np.asarray(x_s) / 3 + r5 / 3 * np.asarray(eps), rtol=1e-6)
+    want_x0 = 4 / 3 * np.asarray(x_s) - np.asarray(eps) / (12 * r5)
+    np.testing.assert_allclose(S.v_to_x0(sched, x_t, t, v), want_x0, rtol=1e-5, atol=1e-6)
+    w, scale, target = losses.fake_target(sched, x_s, 0.25, t, eps, "eq13")
+    np.testing.assert_allclose(w, 9 / 5, rtol=1e-6)
+    np.testing.assert_allclose(scale[:, 0], r5 / 3, rtol=1e-6)
+    np.testing.assert_allclose(target, 7 / 9 * np.asarray(eps) - 4 * r5 / 9 * np.asarray(x_s),
+                               rtol=1e-6, atol=1e-6)
 
 
 class PseudoPairTest(parameterized.TestCase):
@@ -156,44 +281,91 @@ class PseudoPairTest(parameterized.TestCase):
       chex.assert_trees_all_close(scale, jnp.ones((b, 1)))
 
 
+def _gauss_posterior(name, x, t, mu=0.7, tau=0.5):
+  """x_0 ~ N(mu, tau^2): (score, E[x0|x_t], E[eps|x_t]) in closed form (numpy float64).
+
+  x_t ~ N(alpha mu, alpha^2 tau^2 + sigma^2); E[x0|x] = mu + alpha tau^2 (x - alpha mu)/var
+  and E[eps|x] = sigma (x - alpha mu)/var (spec §7 item 5).
+  """
+  a, s = HAND[name](t)
+  var = a**2 * tau**2 + s**2
+  r = x - a * mu
+  return -r / var, mu + a * tau**2 * r / var, s * r / var
+
+
 class ConversionTest(parameterized.TestCase):
   """§7 item 8: velocity <-> x0 / eps / score conversions with v := eps - x_0."""
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
-  def test_conversions(self, name):
-    """v_to_x0, v_to_eps invert x_t = alpha x0 + sigma eps; score = -eps/sigma; score_to_v inverts."""
+  def test_round_trips(self, name):
+    """(x0, eps) -> x_t (built by hand) and v = eps - x0 -> v_to_x0, v_to_eps give (x0, eps) back;
+    v -> score -> score_to_v gives v back; score = -eps/sigma_t.
+
+    Catches alpha and sigma swapped in any conversion, or score_to_v not inverting v_to_score.
+    """
     sched = S.get_schedule(name)
     b = 24
     x0, eps = _rand(7, (b, 3)), _rand(8, (b, 3))
-    t = jnp.linspace(0.02, 0.98, b)
-    a, s = [v[:, None] for v in S.alpha_sigma(sched, t)]
-    x_t = a * x0 + s * eps
+    t = np.linspace(0.02, 0.98, b)
+    a, s = [v[:, None] for v in HAND[name](t)]
+    x_t = jnp.asarray(a * np.asarray(x0) + s * np.asarray(eps), jnp.float32)
+    t = jnp.asarray(t, jnp.float32)
     v = S.x0_eps_to_v(x0, eps)
-    chex.assert_trees_all_close(v, eps - x0)
     chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v), x0, atol=5e-6)
     chex.assert_trees_all_close(S.v_to_eps(sched, x_t, t, v), eps, atol=5e-6)
-    chex.assert_trees_all_close(S.v_to_x0(sched, x_t, t, v),
-                                (x_t - s * v) / (a + s), atol=1e-6)
+    chex.assert_trees_all_close(S.x0_eps_to_v(S.v_to_x0(sched, x_t, t, v),
+                                              S.v_to_eps(sched, x_t, t, v)), v, atol=1e-5)
     score = S.v_to_score(sched, x_t, t, v)
-    chex.assert_trees_all_close(score, -eps / s, rtol=1e-4, atol=1e-4)
-    chex.assert_trees_all_close(score, -(x_t + a * v) / (s * (a + s)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score, -np.asarray(eps) / s, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(S.score_to_v(sched, x_t, t, score), v, rtol=1e-4, atol=1e-4)
-    # Eq. 5 form of score_to_v.
-    chex.assert_trees_all_close(S.score_to_v(sched, x_t, t, score),
-                                -(s + s**2 / a) * score - x_t / a, rtol=1e-5, atol=1e-5)
+
+  def test_flow_matching_hand_worked_point(self):
+    """FM, t = 3/4, x0 = -1/2, eps = 3/2: x_t = -1/8 + 9/8 = 1, v = 2, score = -eps/t = -2.
+
+    Catches an FM schedule with alpha = t, sigma = 1 - t (the round trips alone would not).
+    """
+    sched = S.flow_matching()
+    x_t, v, t = jnp.asarray([[1.0]]), jnp.asarray([[2.0]]), jnp.asarray([0.75])
+    np.testing.assert_allclose(S.v_to_x0(sched, x_t, t, v), [[-0.5]], atol=1e-6)
+    np.testing.assert_allclose(S.v_to_eps(sched, x_t, t, v), [[1.5]], atol=1e-6)
+    np.testing.assert_allclose(S.v_to_score(sched, x_t, t, v), [[-2.0]], atol=1e-6)
+    np.testing.assert_allclose(S.score_to_v(sched, x_t, t, jnp.asarray([[-2.0]])), [[2.0]],
+                               atol=1e-6)
+    np.testing.assert_allclose(S.renoise(sched, jnp.asarray([[-0.5]]), 0.0, t,
+                                         jnp.asarray([[1.5]])), [[1.0]], atol=1e-6)
 
   @parameterized.named_parameters(*SCHEDULE_NAMES)
-  def test_score_difference(self, name):
-    """s_T - s_F = -alpha_t (v_T - v_F) / (sigma_t (alpha_t + sigma_t))."""
+  def test_gaussian_tweedie(self, name):
+    """For x_0 ~ N(0.7, 0.5^2) the exact velocity v* = E[eps|x] - E[x0|x] (posterior means in
+    closed form) converts to the closed-form score of p_t, and back; v_to_x0 gives E[x0|x]
+    (Tweedie). At FM t = 0.8: v* = -2.0154, -0.8615, 0.2923, 1.4462 (spec §7 item 5).
+
+    Catches a wrong Eq. 5 coefficient (sigma + sigma^2/alpha) or sign in score_to_v/v_to_score,
+    and (two Gaussians) a wrong score difference s_T - s_F = -alpha (v_T - v_F)/(sigma (alpha+sigma)).
+    """
     sched = S.get_schedule(name)
-    x_t, v_T, v_F = _rand(9, (16, 2)), _rand(10, (16, 2)), _rand(11, (16, 2))
-    t = jnp.linspace(0.05, 0.95, 16)
-    a, s = [v[:, None] for v in S.alpha_sigma(sched, t)]
-    diff = S.v_to_score(sched, x_t, t, v_T) - S.v_to_score(sched, x_t, t, v_F)
-    chex.assert_trees_all_close(diff, -a * (v_T - v_F) / (s * (a + s)), rtol=1e-4, atol=1e-4)
+    xs = np.array([-1.0, 0.0, 1.0, 2.0])
+    for t_val in (0.1, 0.5, 0.8, 0.95):
+      score, ex0, eeps = _gauss_posterior(name, xs, t_val)
+      v_star = eeps - ex0
+      if name == "flow_matching" and t_val == 0.8:
+        np.testing.assert_allclose(v_star, [-2.0154, -0.8615, 0.2923, 1.4462], atol=1e-4)
+      x = jnp.asarray(xs, jnp.float32)[:, None]
+      t = jnp.full((4,), t_val, jnp.float32)
+      vj = jnp.asarray(v_star, jnp.float32)[:, None]
+      np.testing.assert_allclose(S.score_to_v(sched, x, t, jnp.asarray(score, jnp.float32)[:, None])[:, 0],
+                                 v_star, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(S.v_to_score(sched, x, t, vj)[:, 0], score, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(S.v_to_x0(sched, x, t, vj)[:, 0], ex0, rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(S.v_to_eps(sched, x, t, vj)[:, 0], eeps, rtol=1e-4, atol=1e-4)
+      # Two Gaussians: the score difference is the difference of the closed-form scores.
+      score_f, ex0_f, eeps_f = _gauss_posterior(name, xs, t_val, mu=-0.3, tau=0.9)
+      diff = (S.v_to_score(sched, x, t, vj)
+              - S.v_to_score(sched, x, t, jnp.asarray(eeps_f - ex0_f, jnp.float32)[:, None]))
+      np.testing.assert_allclose(diff[:, 0], score - score_f, rtol=1e-4, atol=1e-4)
 
   def test_flow_matching_special_case(self):
-    """FM: x0 = x_t - t v, eps = x_t + (1-t) v, score = -(x_t + (1-t) v)/t."""
+    """FM: x0 = x_t - t v, eps = x_t + (1-t) v, score = -(x_t + (1-t) v)/t (spec §1.2)."""
     sched = S.flow_matching()
     x_t, v = _rand(12, (10, 2)), _rand(13, (10, 2))
     t = jnp.linspace(0.05, 0.95, 10)
@@ -302,12 +474,24 @@ class EulerTest(parameterized.TestCase):
       one = S.euler_step(x, t, s, v)
       two = S.euler_step(S.euler_step(x, t, tp, v), tp, s, v)
       chex.assert_trees_all_close(one, two, atol=1e-6)
-      chex.assert_trees_all_close(one, x + (s - t) * v, atol=1e-6)
     t = jnp.linspace(0.6, 1.0, 6)
     tp, s = t - 0.2, t - 0.5
     chex.assert_trees_all_close(S.euler_step(x, t, s, v),
                                 S.euler_step(S.euler_step(x, t, tp, v), tp, s, v), atol=1e-6)
-    chex.assert_trees_all_close(S.euler_step(x, t, s, v), x - 0.5 * v, atol=1e-6)
+
+  def test_euler_is_exact_on_a_flow_matching_path(self):
+    """FM paths x_t = (1-t) x0 + t eps are straight with velocity eps - x0, so one Euler step
+    from x_t with that velocity lands exactly on x_s (also at s = 0: x0). Hand-worked: x0 = -1/2,
+    eps = 3/2, t = 3/4 (x_t = 1, v = 2) -> s = 1/4: x_s = 1 - (1/2) 2 = 0 = (3/4)(-1/2) + (1/4)(3/2).
+
+    Catches a step with the wrong sign of (t' - t), or a step that uses t instead of t - t'.
+    """
+    x0, eps = _rand(16, (6, 3)), _rand(17, (6, 3))
+    path = lambda t: (1 - t) * x0 + t * eps
+    for t, s in ((1.0, 0.833333), (0.75, 0.25), (0.625, 0.0)):
+      chex.assert_trees_all_close(S.euler_step(path(t), t, s, eps - x0), path(s), atol=1e-5)
+    np.testing.assert_allclose(S.euler_step(jnp.asarray([[1.0]]), 0.75, 0.25, jnp.asarray([[2.0]])),
+                               [[0.0]], atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

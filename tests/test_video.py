@@ -85,6 +85,7 @@ def test_video_teacher_then_distillation_end_to_end(tmp_path):
 VIDEO_TEACHER = assets.path("video_teacher")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(VIDEO_TEACHER, "card.json")),
                     reason="the shipped video teacher asset is missing")
 def test_shipped_video_teacher_reproduces_its_card():
