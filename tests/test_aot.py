@@ -64,8 +64,8 @@ def test_abstract_phase_step_compiles_on_a_mesh():
 
 def test_planner_compiles_the_trainers_program():
   """configs/wan22.py:tiny on 8 devices: the planner's abstract lowering and the trainer's
-  concrete one are the same program (same StableHLO text, hence the same shardings and
-  donation) with the same per-device memory."""
+  concrete one are the same program (same StableHLO text: the same shardings, donation and
+  activation constraints, hence the same per-device memory)."""
   c = configs.load("configs/wan22.py:tiny")
   c.train.batch_size = 8
   c.mesh.data, c.mesh.fsdp = 2, -1
@@ -73,5 +73,4 @@ def test_planner_compiles_the_trainers_program():
   run = trainer.build(c)
   lowered = run.asm.lower(1, trainer.initial_state(run), run.teacher_params,
                           trainer.batch_for_step(run, 0))
-  assert lowered.as_text() == planned["lowered"].as_text()
-  assert assembly.memory(lowered.compile()) == planned["memory"]
+  assert lowered.as_text() == planned["lowered"].as_text()   # hence the same compiled program

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 from pdmd_jax import losses
 from pdmd_jax import models
@@ -77,6 +78,8 @@ def naive_minimiser(sched, gmm, x_t, t, y):
   return teachers.gmm_velocity(cond, gmm_s, x_t, t, y)
 
 
+# A training run (~80 s); the minimiser itself is checked fast in test_losses.MixtureMinimiserTest.
+@pytest.mark.slow
 def test_eq13_learns_teacher_velocity_and_naive_does_not():
   eq13, naive = _train("eq13"), _train("naive")
   gap = eq13["true_vs_naive"]             # how far apart the two minimisers are

@@ -62,6 +62,9 @@ def test_clip_iterator_is_deterministic_and_resumes():
   assert want["video"].shape == (4, 8, 32, 32, 1) and want["label"].shape == (4,)
 
 
+# The dit family's default-suite end-to-end run is the image one (test_image_distill); this one
+# trains a video teacher first (~3 min).
+@pytest.mark.slow
 def test_video_teacher_then_distillation_end_to_end(tmp_path):
   tc = _config("video_teacher", "runlocal")
   tc.out_dir = str(tmp_path / "teacher")
