@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.model.name = "dit"
   c.model.remat = False
   c.model.scan_layers = False
+  c.model.attention = "dense"              # dense | blockwise (models/attention.py; long sequences)
 
   # LoRA experts on the frozen teacher (rank 0 = full copies); the paper: AdamW (0, 0.999).
   c.generator = blocks.lora(blocks.generator(1e-3 if a.runlocal else 3e-4, grad_clip=1.0),

@@ -93,6 +93,7 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"          # fakes at lr 4e-7 need fp32 weights
   c.model.scan_layers = True
   c.model.remat = "full"                   # none | full | dots
+  c.model.attention = "blockwise"          # no [L, L] logits (480p: 32,760 tokens) | dense
   c.model.num_layers = 0                   # 0 = the weights'; fewer only for AOT planning
 
   # LoRA experts (rank 64, alpha 8, lr 5e-5) on the teacher expert owning each phase; weight

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from pdmd_jax import sharding
+from pdmd_jax.models import attention
 from pdmd_jax.models.mlp import timestep_embedding
 
 
@@ -41,6 +42,7 @@ class DiTConfig:
   scan_layers: bool = False
   remat: bool = False
   dtype: str = "float32"         # compute dtype; parameters stay float32
+  attention: str = "dense"       # models/attention.py: dense | blockwise (no [L, L] logits)
 
   @property
   def video(self) -> bool:
@@ -113,6 +115,7 @@ class Block(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden
     self.heads = cfg.heads
+    self.impl = cfg.attention
     self.dtype = jnp.dtype(cfg.dtype)
     self.norm1 = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
     self.qkv = _dense(d, 3 * d, ("embed", "heads"), rngs)
@@ -127,7 +130,7 @@ class Block(nnx.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, -1)
     x = modulate(self.norm1(h), shift1, scale1).astype(self.dtype)
     q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
-    a = jax.nn.dot_product_attention(q, k, v)
+    a = attention.attention(q, k, v, impl=self.impl)
     h = h + gate1[:, None] * self.proj(einops.rearrange(a, "b n h d -> b n (h d)")).astype(h.dtype)
     x = modulate(self.norm2(h), shift2, scale2).astype(self.dtype)
     x = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

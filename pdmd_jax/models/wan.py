@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from pdmd_jax import sharding
+from pdmd_jax.models import attention
 
 F32 = jnp.float32
 _DIFFUSERS_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
@@ -69,11 +70,14 @@ class WanConfig:
   param_dtype: Any = "float32"
   scan_layers: bool = False               # stack blocks on a leading "layers" axis + lax.scan
   remat: str = "none"                     # "none" | "full" | "dots" (save weight matmuls)
+  attention: str = "dense"                # models/attention.py: dense | blockwise (no [L, L])
 
   def __post_init__(self):
     object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    if self.attention not in attention.IMPLS:
+      raise ValueError(f"attention={self.attention!r}; allowed: {list(attention.IMPLS)}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; allowed: {list(REMAT_POLICIES)}")
     if self.qk_norm != "rms_norm_across_heads":
@@ -245,6 +249,7 @@ class Attention(nnx.Module):
     self.to_q, self.to_k, self.to_v = (_linear(d, d, ("embed", "heads"), cfg, rngs)
                                        for _ in range(3))
     self.to_out = _linear(d, d, ("heads", "embed"), cfg, rngs)
+    self.impl = cfg.attention
     self.norm_q, self.norm_k = _rms_norm(d, cfg, rngs), _rms_norm(d, cfg, rngs)
     if image_kv:
       self.add_k_proj = _linear(cfg.added_kv_proj_dim, d, (None, "heads"), cfg, rngs)
@@ -261,10 +266,10 @@ class Attention(nnx.Module):
     v = self._heads(self.to_v(ctx))
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention.attention(q, k, v, impl=self.impl)
     if img is not None:  # I2V: attend to image tokens separately, add
       ki = self._heads(self.norm_added_k(self.add_k_proj(img)).astype(dt))
-      out = out + jax.nn.dot_product_attention(q, ki, self._heads(self.add_v_proj(img)))
+      out = out + attention.attention(q, ki, self._heads(self.add_v_proj(img)), impl=self.impl)
     return self.to_out(out.reshape(*x.shape[:2], -1))
 
 

@@ -22,6 +22,7 @@ from pdmd_jax import models
 from pdmd_jax import teachers
 from pdmd_jax import validation as V
 from pdmd_jax.families import common
+from pdmd_jax.models import attention
 from pdmd_jax.models import dit as dit_lib
 
 
@@ -39,6 +40,8 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
            "and params.safetensors (train one: python main.py --config=configs/mnist_teacher.py "
            "or --config=configs/video_teacher.py --workdir=DIR; it is written to config.out_dir)")
   V.choice(config, "model.name", ("dit",))
+  if V.has(config, "model.attention"):
+    V.choice(config, "model.attention", attention.IMPLS)
   for f in ("model.remat", "model.scan_layers"):
     if not isinstance(V.get(config, f), bool):
       V.fail(f, V.get(config, f), [True, False])
@@ -54,9 +57,11 @@ def dit_config(config) -> tuple[dit_lib.DiTConfig, dict | None]:
   arch = dict(t.get("arch") or {})
   if arch:
     cfg = dit_lib.DiTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})
-    return dataclasses.replace(cfg, scan_layers=m.scan_layers, remat=m.remat), None
+    return dataclasses.replace(cfg, scan_layers=m.scan_layers, remat=m.remat,
+                               attention=m.get("attention", cfg.attention)), None
   card = assets.load_card(t.path or assets.path("mnist_teacher"))
-  return dit_lib.DiTConfig(**card["model"]), card
+  cfg = dit_lib.DiTConfig(**card["model"])
+  return dataclasses.replace(cfg, attention=m.get("attention", cfg.attention)), card
 
 
 def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = None):  # pylint: disable=unused-argument

@@ -39,6 +39,7 @@ from pdmd_jax import validation as V
 from pdmd_jax.families import common
 from pdmd_jax.families import prompts
 from pdmd_jax.families.wan22 import weights as W
+from pdmd_jax.models import attention
 from pdmd_jax.models import lora as lora_lib
 
 NEEDED = ("teacher.task", "teacher.path", "teacher.random", "teacher.seed", "teacher.boundary",
@@ -73,6 +74,8 @@ def validate(config, plan, *, files: bool = True):
   V.choice(config, "model.remat", tuple(wan.REMAT_POLICIES))
   for f in ("model.dtype", "model.param_dtype"):
     V.choice(config, f, ("float32", "bfloat16"))
+  if V.has(config, "model.attention"):
+    V.choice(config, "model.attention", attention.IMPLS)
   if V.has(config, "model.num_layers"):
     V.positive(config, "model.num_layers", integer=True, minimum=0)
   common.validate_lora(config)

@@ -86,7 +86,7 @@ def wan_config(config, arch: dict | None = None):
   from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
   m = config.model
   numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-                  remat=m.remat)
+                  remat=m.remat, attention=m.get("attention", "dense"))
   if arch is None:
     cond = TINY_CONDITION_CHANNELS if config.teacher.task == "i2v" else 0
     return wan.tiny(in_channels=4 + cond, **numerics)
