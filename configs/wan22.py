@@ -91,6 +91,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()    # numerics of every Wan copy (architecture: the files)
   c.model.dtype = "float32" if a.tiny else "bfloat16"   # compute
   c.model.param_dtype = "float32"          # fakes at lr 4e-7 need fp32 weights
+  c.model.teacher_dtype = ""               # frozen teacher: "" = model.dtype | float32
   c.model.scan_layers = True
   c.model.remat = "full"                   # none | full | dots
   c.model.attention = "blockwise"          # no [L, L] logits (480p: 32,760 tokens) | dense

@@ -326,6 +326,8 @@ def test_tiny_end_to_end(tmp_path):
   s = np.load(os.path.join(w, "samples_step2.npz"))
   assert s["samples"].shape == (2, 4, 2, 8, 8) and s["labels"].shape == (2,)
   assert set(s["labels"].tolist()) <= set(range(16))           # prompt indices
+  # the restored experts sample what the run's own evaluation sampled (same noise and prompts)
+  np.testing.assert_allclose(s["samples"], lat["student"], rtol=1e-5, atol=1e-5)
 
 
 def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
@@ -353,3 +355,34 @@ def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
   c.fake.lora_rank = -1
   with pytest.raises(ValueError, match="fake.lora_rank"):
     validation.validate(c)
+
+
+def test_frozen_teacher_in_the_compute_dtype():
+  """model.dtype = bfloat16: the teacher's block weights (the LoRA experts' backbone too) are
+  held in bf16, the full fakes and their moments stay fp32; the guided velocity equals the
+  fp32-held teacher's (both compute the block matmuls in bf16, which casts the weights anyway;
+  norms, modulation tables and the fp32 time embedder keep their dtype)."""
+  c = _config("tiny")
+  c.model.dtype = "bfloat16"
+  fam = _family(c)
+  floats = lambda tree: {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+  high = fam.teacher_params[0]["blocks"]
+  assert high["attn1"]["to_q"]["kernel"].dtype == high["ffn"]["fc2"]["bias"].dtype == jnp.bfloat16
+  assert high["attn1"]["norm_q"]["scale"].dtype == high["scale_shift_table"].dtype == jnp.float32
+  from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
+  a14b = wan22._cast(wan.abstract_params(wan.WAN22_A14B), jnp.bfloat16)   # pylint: disable=protected-access
+  size = lambda keep: sum(x.size for x in jax.tree.leaves(a14b) if keep(x))
+  assert size(lambda x: x.dtype == jnp.bfloat16) > 0.98 * size(lambda x: True)   # A14B: 98.4%
+  assert floats(fam.fake_init) == floats(fam.expert_init) == {jnp.dtype("float32")}
+  c.model.teacher_dtype = "float32"
+  ref = _family(c)
+  assert floats(ref.teacher_params) == {jnp.dtype("float32")}
+  y = fam.sample_cond(jax.random.PRNGKey(0), (2,))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + fam.sample_shape)
+  t = jnp.array([0.95, 0.5])                       # one sample on each expert
+  v = jax.jit(fam.teacher.velocity)(fam.teacher_params, x, t, y).astype(jnp.float32)
+  v_ref = jax.jit(ref.teacher.velocity)(ref.teacher_params, x, t, y).astype(jnp.float32)
+  rel = float(jnp.sqrt(jnp.mean((v - v_ref) ** 2) / jnp.mean(v_ref ** 2)))
+  assert rel < 1e-6, rel
+  expert = fam.expert_apply(fam.teacher_params)[1]     # LoRA on the bf16 backbone runs
+  assert bool(jnp.all(jnp.isfinite(expert(fam.expert_init, x, t, y))))

@@ -76,6 +76,8 @@ def validate(config, plan, *, files: bool = True):
     V.choice(config, f, ("float32", "bfloat16"))
   if V.has(config, "model.attention"):
     V.choice(config, "model.attention", attention.IMPLS)
+  if V.get(config, "model").get("teacher_dtype"):
+    V.choice(config, "model.teacher_dtype", ("", "float32", "bfloat16"))
   if V.has(config, "model.num_layers"):
     V.positive(config, "model.num_layers", integer=True, minimum=0)
   common.validate_lora(config)
@@ -183,6 +185,36 @@ def expert_of_phases(plan, boundary: float) -> tuple[int, ...]:
   return tuple(out)
 
 
+def teacher_dtype(config):
+  """model.teacher_dtype, or "" = the compute dtype (model.dtype)."""
+  return jnp.dtype(config.model.get("teacher_dtype") or config.model.dtype)
+
+
+def _cast(tree, dtype):
+  """The transformer blocks' linear layers (kernel and bias) in ``dtype``: matmuls computing in
+  model.dtype cast them there anyway, so a bf16 teacher gives the same velocities. Norms,
+  modulation tables, the embedders and the fp32 time embedder keep their dtype. Returns the
+  tree itself when nothing changes (a full-copy fake then shares the teacher's arrays)."""
+  def to(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
+  def walk(node, in_blocks):
+    if isinstance(node, (tuple, list)):
+      return type(node)(walk(n, in_blocks) for n in node)
+    if not isinstance(node, dict):
+      return node
+    if in_blocks and "kernel" in node:              # a Linear: kernel [+ bias]
+      return {k: to(v) if k in ("kernel", "bias") else v for k, v in node.items()}
+    return {k: walk(v, in_blocks or k == "blocks") for k, v in node.items()}
+
+  leaves = jax.tree.leaves(tree)
+  if all(x.dtype == dtype for x in leaves):
+    return tree
+  return walk(tree, False)
+
+
 def uses_cfg(config) -> bool:
   t = config.teacher
   return t.guidance_scale != 1.0 or (t.guidance_scale_low not in (None, 1.0))
@@ -272,6 +304,9 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
     shardings = sh.logical_shardings(mesh, expert, axes) if not t.random else None
     cfg, experts = W.load_teacher(config, shardings)
     sample_cond = prompts.make_cond_fn(embeddings(config, cfg), uses_cfg(config))
+  # The frozen teacher's block weights (also the LoRA experts' backbone) in the compute dtype;
+  # trainable copies (full fakes) and their moments stay in model.param_dtype.
+  teacher_params = _cast(experts, teacher_dtype(config))
   net = WanNet(nnx.split(wan.abstract_model(cfg), nnx.Param)[0], d.text_len)
   teacher = teachers.moe_teacher(net.apply, net.apply, t.boundary, t.guidance_scale,
                                  prompts.negative_cond, guidance_scale_low=t.guidance_scale_low,
@@ -296,7 +331,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
         lora_lib.apply_on(net.apply, spec_f, tp[0]), lora_lib.apply_on(net.apply, spec_f, tp[1]),
         t.boundary, t.route)
   return families.Family(
-      name="wan22", teacher=teacher, teacher_params=experts, teacher_axes=(axes, axes),
+      name="wan22", teacher=teacher, teacher_params=teacher_params, teacher_axes=(axes, axes),
       apply=moe, sample_shape=W.latent_shape(cfg.out_channels, d.num_frames, d.height, d.width),
       sample_cond=sample_cond, evaluator="latent_eval",
       extras=MappingProxyType({"wan_config": cfg, "expert_net": net}), **out)
