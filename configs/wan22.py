@@ -47,9 +47,11 @@ set its coordinator through the environment on every node (node rank 0..N-1):
     --config.teacher.path=/data/Wan2.2-T2V-A14B-Diffusers \
     --config.data.embeddings=/data/wan22_prompts.safetensors --workdir=/shared/pdmd/wan22_t2v
 
-Memory (fp32 params, bf16 compute; pure FSDP over all devices by default): teacher 2 x 14B
-(112 GB), per phase a fake pair 2 x 14B + AdamW moments (336 GB), LoRA experts ~0.3B each:
-about 0.8 TB plus activations, i.e. >= 16 x 80 GB devices (the paper used 64 GPUs).
+Memory (bf16 compute; pure FSDP over all devices by default): teacher 2 x 14B with its block
+weights in bf16 (58 GB), per phase a fp32 fake pair 2 x 14B + AdamW moments (336 GB), LoRA
+experts ~0.3B each: about 0.7 TB plus activations. At 480p x 81 frames, blockwise attention and
+--config.mesh.fsdp=16 --config.mesh.context=4 on 64 devices: 55 GiB per device
+(docs/scale.md; the paper used 64 GPUs).
 """
 
 import ml_collections
