@@ -17,7 +17,7 @@ def _qkv(lq, lk, dtype=jnp.float32, b=2, h=3, d=8):
           jax.random.normal(k3, (b, lk, h, d), dtype))
 
 
-@pytest.mark.parametrize("lq,lk,block", [(70, 45, 16), (64, 64, 64), (5, 130, 32), (33, 7, 8)])
+@pytest.mark.parametrize("lq,lk,block", [(70, 45, 16), (5, 130, 32), (33, 7, 8)])
 def test_blockwise_equals_dense_values_and_gradients(lq, lk, block):
   """Lengths that are and are not multiples of the blocks (padded keys are masked, padded
   queries dropped); logits scaled by 3 so the softmax is far from uniform."""
@@ -28,8 +28,8 @@ def test_blockwise_equals_dense_values_and_gradients(lq, lk, block):
   chex.assert_trees_all_close(blockwise, dense, atol=2e-6, rtol=2e-5)
   loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.attention(
       q, k, v, impl=impl, block_q=block, block_k=block)))
-  g_dense = jax.grad(loss("dense"), argnums=(0, 1, 2))(q, k, v)
-  g_block = jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v)
+  g_dense = jax.jit(jax.grad(loss("dense"), argnums=(0, 1, 2)))(q, k, v)
+  g_block = jax.jit(jax.grad(loss("blockwise"), argnums=(0, 1, 2)))(q, k, v)
   chex.assert_trees_all_close(g_block, g_dense, atol=2e-5, rtol=2e-4)
 
 

@@ -97,7 +97,8 @@ def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
   np.testing.assert_allclose(fake(state.fakes[0], x, t, y), run.family.apply(run.teacher_params, x, t, y),
                              atol=1e-6)
   before = jax.device_get(state)
-  new, m = ts.fake_step(run.step_cfg, 1, state, run.teacher_params, y, jax.random.PRNGKey(2))
+  new, m = jax.jit(functools.partial(ts.fake_step, run.step_cfg, 1))(
+      state, run.teacher_params, y, jax.random.PRNGKey(2))
   after = jax.device_get(new)
   assert np.isfinite(float(m["fake_loss"]))
   moved = [not np.array_equal(before.fakes[1][k]["b"], after.fakes[1][k]["b"]) for k in before.fakes[1]]
@@ -105,7 +106,8 @@ def test_shared_backbone_fakes_are_lora_on_the_frozen_teacher(tiny_teacher):
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.fakes[0]),
                                                   jax.tree.leaves(after.fakes[0])))
   # the generator update reads the LoRA fake: a full step runs and stays finite
-  new, m = ts.generator_step(run.step_cfg, 1, new, run.teacher_params, y, jax.random.PRNGKey(3))
+  new, m = jax.jit(functools.partial(ts.generator_step, run.step_cfg, 1))(
+      new, run.teacher_params, y, jax.random.PRNGKey(3))
   assert np.isfinite(float(m["gen_grad_norm"]))
   c.fake.lora_rank = -1
   with pytest.raises(ValueError, match="fake.lora_rank"):
