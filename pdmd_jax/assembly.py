@@ -46,6 +46,8 @@ class Assembly:
   batch_sharding: Any
   rng: jax.Array                   # the run's base key (train_step: fold_in(rng, step))
   data_key: jax.Array              # conditioning of update ``step``: fold_in(data_key, step)
+  abstract_state_tree: Any         # ShapeDtypeStructs of the state and of the conditioning,
+  abstract_y: Any                  #   computed once by ``assemble``
 
   @property
   def batch_shape(self) -> tuple[int, int]:
@@ -53,8 +55,7 @@ class Assembly:
     return (self.config.fake.ttur + 1, self.config.train.batch_size)
 
   def abstract_state(self) -> ts.TrainState:
-    return sh.abstract_with(_abstract_state(self.step_cfg, self.family, self.rng),
-                            self.state_sharding)
+    return sh.abstract_with(self.abstract_state_tree, self.state_sharding)
 
   def initial_state(self) -> ts.TrainState:
     make = lambda p, e: ts.create_state(self.rng, p, self.plan.num_phases, self.step_cfg.gen_tx,
@@ -76,8 +77,7 @@ class Assembly:
     return jax.jit(fn, out_shardings=self.batch_sharding)
 
   def abstract_batch(self):
-    y = jax.eval_shape(lambda: self.family.sample_cond(jax.random.PRNGKey(0), self.batch_shape))
-    return sh.abstract_with({"y": y}, self.batch_sharding)
+    return sh.abstract_with({"y": self.abstract_y}, self.batch_sharding)
 
   def jit_step(self, k: int):
     return ts.jit_phase_step(self.step_cfg, k, self.state_sharding, self.teacher_sharding,
@@ -92,13 +92,6 @@ class Assembly:
       return self.jit_step(k).lower(state, teacher_params, batch)
 
 
-def _abstract_state(step_cfg, family, rng):
-  return jax.eval_shape(
-      lambda r, p, e: ts.create_state(r, p, step_cfg.plan.num_phases, step_cfg.gen_tx,
-                                      step_cfg.fake_tx, e), rng, family.fake_init,
-      family.expert_init)
-
-
 def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> Assembly:
   """The step config and every sharding of the run (nothing is allocated here)."""
   g, f = config.generator, config.fake
@@ -109,7 +102,9 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       expert_apply=family.expert_apply, fake_apply=family.fake_apply)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract = _abstract_state(step_cfg, family, rng)
+  abstract = jax.eval_shape(
+      lambda r, p, e: ts.create_state(r, p, plan.num_phases, step_cfg.gen_tx, step_cfg.fake_tx,
+                                      e), rng, family.fake_init, family.expert_init)
   if family.fake_axes is None:      # unannotated trees: the FSDP tactic
     state_sharding = sh.tree_shardings(mesh, abstract)
   else:
@@ -124,7 +119,8 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
   batch_sharding = {"y": jax.tree.map(lambda a: sh.batch_sharding(mesh, 1, a.ndim), y)}
   return Assembly(config=config, plan=plan, family=family, mesh=mesh, step_cfg=step_cfg,
                   state_sharding=state_sharding, teacher_sharding=teacher_sharding,
-                  batch_sharding=batch_sharding, rng=rng, data_key=data_key)
+                  batch_sharding=batch_sharding, rng=rng, data_key=data_key,
+                  abstract_state_tree=abstract, abstract_y=y)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
