@@ -1,18 +1,18 @@
-"""Compiled temporary memory of one generator update against the number of sampling steps N.
+"""Whole-step memory of the trainer's compiled phase step against the number of sampling steps N.
 
   PYTHONPATH=. python benchmarks/memory_vs_steps.py --steps=1,2,4,8
 
 For dmd_multistep (gradient through all N steps), dmd2_sgts (one random step with gradient)
-and phased_dmd (N phases; the update of the last phase, which runs the longest frozen
-prefix), ``train_step.generator_step`` is compiled for abstract arguments and XLA's
-``memory_analysis().temp_size_in_bytes`` is read (the working memory on top of the
-arguments: activations kept for the backward pass, gradients, optimizer temporaries). Writes
-a table to docs/benchmarks.md and a plot to docs/memory_vs_steps.png.
+and phased_dmd (N phases, progressive; the last phase, which holds the most frozen experts
+and runs the longest frozen prefix), the trainer's phase step (``Assembly.lower``: TTUR fake
+updates + one generator update, state donated) is compiled for abstract arguments and XLA's
+``memory_analysis`` is read: peak = arguments + outputs - aliased + temporaries. Writes a table
+to docs/benchmarks.md and a plot to docs/memory_vs_steps.png; exits non-zero if phased_dmd's
+peak at the largest N exceeds 1.1 x one-step DMD's plus its frozen experts' parameters.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -20,26 +20,26 @@ from absl import app, flags
 
 from benchmarks import common
 from pdmd_jax import assembly
-from pdmd_jax import train_step as ts
 from pdmd_jax.models import dit
 
 METHODS = ("dmd_multistep", "dmd2_sgts", "phased_dmd")
 flags.DEFINE_list("steps", ["1", "2", "4", "8"], "Numbers of sampling steps N.")
 flags.DEFINE_integer("batch", 32, "Batch size.")
+flags.DEFINE_integer("ttur", 5, "Fake updates per generator update.")
 flags.DEFINE_bool("write", True, "Write docs/benchmarks.md and docs/memory_vs_steps.png.")
 FLAGS = flags.FLAGS
 
 
-def generator_temp_bytes(method: str, n: int, batch: int) -> dict:
+def step_memory(method: str, n: int, batch: int, ttur: int) -> dict:
+  """Per-device bytes of the last phase's compiled step, plus its frozen experts' bytes."""
   asm = common.dit_assembly(dit.config_for("small", patch=4), method=method, steps=n,
-                            phases=n if method == "phased_dmd" else 1, batch=batch)
-  cfg = asm.step_cfg
-  k = cfg.plan.num_phases - 1
-  y = jax.eval_shape(lambda key: asm.family.sample_cond(key, (batch,)), jax.random.PRNGKey(0))
-  key = jax.ShapeDtypeStruct((2,), jax.numpy.uint32)
-  fn = jax.jit(functools.partial(ts.generator_step, cfg, k))
-  compiled = fn.lower(asm.abstract_state(), asm.teacher_params(), y, key).compile()
-  return assembly.memory(compiled)
+                            phases=n if method == "phased_dmd" else 1, batch=batch, ttur=ttur)
+  k = asm.plan.num_phases - 1
+  out = assembly.memory(asm.lower(k).compile())
+  state = asm.abstract_state(k)
+  out["frozen"] = assembly.num_bytes([e for e, o in zip(state.experts, state.expert_opt)
+                                      if e is not None and o is None])
+  return out
 
 
 def _plot(results, steps, path):
@@ -48,14 +48,14 @@ def _plot(results, steps, path):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(5, 3.4))
   styles = {"dmd_multistep": "o-", "dmd2_sgts": "s-", "phased_dmd": "^--"}
-  for method in METHODS:   # dmd2_sgts and phased_dmd coincide: dashed on top
-    ax.plot(steps, [results[method][n]["temp"] / 2**20 for n in steps], styles[method],
+  for method in METHODS:
+    ax.plot(steps, [results[method][n]["peak"] / 2**20 for n in steps], styles[method],
             label=method, markersize=7 if method == "dmd2_sgts" else 5)
   ax.set_xscale("log", base=2)
   ax.set_xticks(steps, [str(n) for n in steps])
   ax.set_xlabel("sampling steps N")
-  ax.set_ylabel("compiled temp memory (MiB)")
-  ax.set_title("One generator update (DiT small, batch %d)" % FLAGS.batch, fontsize=9)
+  ax.set_ylabel("compiled peak per step (MiB)")
+  ax.set_title(f"Phase step, TTUR {FLAGS.ttur} (DiT small, batch {FLAGS.batch})", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -68,36 +68,55 @@ def main(argv):
   results = {m: {} for m in METHODS}
   for method in METHODS:
     for n in steps:
-      results[method][n] = generator_temp_bytes(method, n, FLAGS.batch)
+      results[method][n] = step_memory(method, n, FLAGS.batch, FLAGS.ttur)
       print(method, n, results[method][n], flush=True)
   mib = lambda b: f"{b / 2**20:.1f}"
-  rows = ["| method | " + " | ".join(f"temp N={n}" for n in steps) + " | "
-          + " | ".join(f"arguments N={n}" for n in steps) + " |",
-          "|---|" + "---|" * 2 * len(steps)]
+  cols = ("peak", "argument", "temp")
+  rows = ["| method | " + " | ".join(f"{c} N={n}" for c in cols for n in steps) + " |",
+          "|---|" + "---|" * len(cols) * len(steps)]
   for method in METHODS:
-    rows.append(f"| {method} | " + " | ".join(mib(results[method][n]["temp"]) for n in steps)
-                + " | " + " | ".join(mib(results[method][n]["argument"]) for n in steps) + " |")
+    rows.append(f"| {method} | " + " | ".join(mib(results[method][n][c]) for c in cols
+                                              for n in steps) + " |")
   table = "\n".join(rows)
+  one_step = results["dmd_multistep"][1]["peak"] if 1 in steps else None
+  n_max = max(steps)
+  phased = results["phased_dmd"][n_max]
+  verdict = ""
+  if one_step is not None:
+    bound = 1.1 * one_step + phased["frozen"]
+    ok = phased["peak"] <= bound
+    verdict = (f"phased_dmd at N={n_max}: peak {mib(phased['peak'])} MiB against 1.1 x one-step "
+               f"DMD's {mib(one_step)} + its {n_max - 1} frozen experts' {mib(phased['frozen'])} "
+               f"= {mib(bound)} MiB: {'within' if ok else 'OVER'} the bound "
+               f"({phased['peak'] / (one_step + phased['frozen']):.3f} x one-step DMD + frozen).")
   print(table)
+  print(verdict)
   if FLAGS.write:
     png = os.path.join(common.ROOT, "docs", "memory_vs_steps.png")
     _plot(results, steps, png)
-    common.write_section("memory_vs_steps", f"""## Generator-update memory vs sampling steps
+    common.write_section("memory_vs_steps", f"""## Phase-step memory vs sampling steps
 
-`PYTHONPATH=. python benchmarks/memory_vs_steps.py --steps={','.join(FLAGS.steps)} --batch={FLAGS.batch}`
+`PYTHONPATH=. python benchmarks/memory_vs_steps.py --steps={','.join(FLAGS.steps)} --batch={FLAGS.batch} --ttur={FLAGS.ttur}`
 (jax {jax.__version__}, XLA:CPU)
 
-Compiled temp memory and argument size (MiB) of one `generator_step` (DiT "small", 32x32x1, batch {FLAGS.batch},
-LoRA r16 experts, CFG 3), for the last phase. dmd_multistep backpropagates through all N
-steps, so its activations grow with N; dmd2_sgts keeps the gradient of one step; phased_dmd's
-last phase runs N - 1 frozen steps without gradient and one step with it, so its working
-memory is dmd2_sgts's. Its arguments grow instead: N LoRA experts and N full fake copies
-(with AdamW moments) live in the state.
+Per-device MiB of the trainer's compiled phase step (TTUR {FLAGS.ttur} fake updates + one
+generator update, the state donated) for the last phase: DiT "small" (32x32x1), batch
+{FLAGS.batch}, LoRA r16 experts, full fake copies with AdamW, CFG 3. peak = arguments +
+outputs - aliased + temporaries. dmd_multistep backpropagates through all N steps, so its
+temporaries grow with N; dmd2_sgts keeps the gradient of one step; phased_dmd's last phase
+runs N - 1 frozen steps without gradient and one with it, so its temporaries are dmd2_sgts's.
+Its state holds only the active phase's expert, fake score and moments, plus the N - 1 finished
+LoRA experts as frozen parameters (progressive order; the interleaved order keeps all N phases'
+fakes and moments live, the earlier layout's 21 -> 134 MiB of arguments).
 
 {table}
 
-![temp memory vs N](memory_vs_steps.png)
+{verdict}
+
+![peak memory vs N](memory_vs_steps.png)
 """)
+  if one_step is not None and phased["peak"] > 1.1 * one_step + phased["frozen"]:
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def main(argv):
                               abstract=False)
     cfg = asm.step_cfg
     k = cfg.plan.num_phases - 1
-    state, teacher = asm.initial_state(), asm.teacher_params()
+    state, teacher = asm.initial_state(k), asm.teacher_params()
     batch_y = asm.batch_fn()(0)
     compiled = asm.lower(k, state, teacher, batch_y).compile()   # the trainer's step
     flops = plan.xla_flops(compiled)

@@ -36,7 +36,7 @@ def measure(model: dict, fake_rank: int) -> dict:
   asm = common.dit_assembly(cfg, method="phased_dmd", steps=4, phases=4, batch=FLAGS.batch,
                             fake_lora_rank=fake_rank)
   k = asm.plan.num_phases - 1
-  state = asm.abstract_state()
+  state = asm.abstract_state(k)
   out = assembly.memory(asm.lower(k).compile())   # the trainer's step
   out["fakes"] = assembly.num_bytes((state.fakes, state.fake_opt))
   out["state"] = assembly.num_bytes(state)

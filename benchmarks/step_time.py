@@ -56,11 +56,13 @@ def torch_model(asm, state, dit_cfg, lora_scale: float) -> tr.PhasedDMD:
   cfg = asm.step_cfg
   kinds = [("eq11" if cfg.fake_target == "eq13" and p.boundary == 0.0 and not cfg.clamp_final_phase
             else cfg.fake_target) for p in cfg.plan.phases]
+  experts = ts.fill_experts(state.experts, asm.family.expert_init)   # every phase's tree
+  fakes = ts.fill_experts(state.fakes, asm.family.fake_init)
   loras = [{p: {n: torch.from_numpy(np.array(v)) for n, v in ab.items()} for p, ab in e.items()}
-           for e in state.experts]
+           for e in experts]
   return tr.PhasedDMD(
       tr.DiTShape.from_jax(dit_cfg), tr.params_from_jax(asm.family.teacher_params), loras,
-      [tr.params_from_jax(f) for f in state.fakes],
+      [tr.params_from_jax(f) for f in fakes],
       [tr.PhaseSpec(p.times, p.boundary, p.grad_mode) for p in cfg.plan.phases],
       lora_scale=lora_scale, guidance=cfg.teacher.guidance_scale, ttur=cfg.ttur,
       weighting=cfg.weighting, fake_target_kind=kinds, gen_lr=3e-4, fake_lr=1e-4,
@@ -82,7 +84,7 @@ def build(ttur: int, batch_size: int):
   dit_cfg = dit.config_for("small", patch=4)
   asm = common.dit_assembly(dit_cfg, method="phased_dmd_sgts", steps=4, phases=2, ttur=ttur,
                             batch=batch_size, abstract=False)
-  state0 = jax.device_get(asm.initial_state())
+  state0 = jax.device_get(asm.initial_state(FLAGS.phase))
   ys = asm.family.sample_cond(jax.random.PRNGKey(1), (asm.step_cfg.ttur + 1, batch_size))
   return asm, state0, ys, torch_model(asm, state0, dit_cfg, lora_scale=1.0)
 

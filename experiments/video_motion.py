@@ -178,7 +178,7 @@ def motion_by_phase(row_id, variant, steps, seed):
     fn = jax.jit(lambda e, tp, z, y, use=use: sampling.mixed_sample(
         run.plan, run.step_cfg.experts_apply(tp), e, run.teacher, tp, z, y, use_teacher=use,
         substeps=config.eval.teacher_substeps, shift_value=config.shift)[-1])
-    x = image_eval._batches(lambda zb, yb, fn=fn: fn(state.experts, run.teacher_params, zb, yb),  # pylint: disable=protected-access
+    x = image_eval._batches(lambda zb, yb, fn=fn: fn(run.experts(state), run.teacher_params, zb, yb),  # pylint: disable=protected-access
                             z, labels, 50)
     flow = motion_metrics.clip_motion(x)["flow"]
     out[key] = float(flow.mean() / teacher_flow.mean())

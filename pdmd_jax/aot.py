@@ -89,7 +89,7 @@ def xla_flops(compiled) -> float:
 
 def compile_phase_step(asm: assembly.Assembly, k: int, count_flops: bool = True) -> dict:
   """Lowers and compiles phase k's step (the trainer's) for the abstract arguments."""
-  args = (asm.abstract_state(), asm.teacher_params(), asm.abstract_batch())
+  args = (asm.abstract_state(k), asm.teacher_params(), asm.abstract_batch())
   t0 = time.perf_counter()
   lowered = asm.lower(k, *args)
   t1 = time.perf_counter()

@@ -41,27 +41,49 @@ class Assembly:
   family: families.Family
   mesh: jax.sharding.Mesh
   step_cfg: ts.StepConfig
-  state_sharding: Any
+  layouts: tuple[ts.Layout, ...]    # the state's layout while phase k trains
+  state_shardings: tuple[Any, ...]  # the state's shardings while phase k trains
   teacher_sharding: Any
   batch_sharding: Any
   rng: jax.Array                   # the run's base key (train_step: fold_in(rng, step))
   data_key: jax.Array              # conditioning of update ``step``: fold_in(data_key, step)
-  abstract_state_tree: Any         # ShapeDtypeStructs of the state and of the conditioning,
-  abstract_y: Any                  #   computed once by ``assemble``
+  abstract_state_trees: tuple[Any, ...]  # ShapeDtypeStructs of the state (per phase) and of
+  abstract_y: Any                        #   the conditioning, computed once by ``assemble``
 
   @property
   def batch_shape(self) -> tuple[int, int]:
     """(rows, batch): row i conditions fake update i, the last row the generator update."""
     return (self.config.fake.ttur + 1, self.config.train.batch_size)
 
-  def abstract_state(self) -> ts.TrainState:
-    return sh.abstract_with(self.abstract_state_tree, self.state_sharding)
+  def phase_of(self, step: int) -> int:
+    """The phase that generator update ``step`` trains (steps past the end: the last phase)."""
+    n = self.plan.num_phases
+    if self.plan.order == "interleaved":
+      return step % n
+    return min(step // (self.config.train.num_steps // n), n - 1)
 
-  def initial_state(self) -> ts.TrainState:
+  def layout_phase(self, step: int) -> int:
+    """The phase whose layout the state has after ``step`` updates (the one update ``step`` trains)."""
+    return self.phase_of(min(step, self.config.train.num_steps - 1))
+
+  def abstract_state(self, k: int = 0) -> ts.TrainState:
+    return sh.abstract_with(self.abstract_state_trees[k], self.state_shardings[k])
+
+  def initial_state(self, k: int = 0) -> ts.TrainState:
+    """The state in phase k's layout with every tree at its start (k = 0: a run's start)."""
     make = lambda p, e: ts.create_state(self.rng, p, self.plan.num_phases, self.step_cfg.gen_tx,
-                                        self.step_cfg.fake_tx, e)
-    return jax.jit(make, out_shardings=self.state_sharding)(self.family.fake_init,
-                                                            self.family.expert_init)
+                                        self.step_cfg.fake_tx, e, self.layouts[k])
+    return jax.jit(make, out_shardings=self.state_shardings[k])(self.family.fake_init,
+                                                                self.family.expert_init)
+
+  def start_phase(self):
+    """Jitted (state in phase k-1's layout) -> state in phase k's layout, per k (progressive
+    order; the old state is donated, so the dropped fake and moments are freed)."""
+    cfg, fam = self.step_cfg, self.family
+    return {k: jax.jit(lambda st, p, e, k=k: ts.start_phase(st, k, p, cfg.gen_tx, cfg.fake_tx, e),
+                       in_shardings=(self.state_shardings[k - 1], None, None),
+                       out_shardings=self.state_shardings[k], donate_argnums=(0,))
+            for k in range(1, self.plan.num_phases) if self.plan.order == "progressive"}
 
   def teacher_params(self):
     """The teacher's parameters placed on their shardings (abstract ones stay abstract)."""
@@ -80,12 +102,12 @@ class Assembly:
     return sh.abstract_with({"y": self.abstract_y}, self.batch_sharding)
 
   def jit_step(self, k: int):
-    return ts.jit_phase_step(self.step_cfg, k, self.state_sharding, self.teacher_sharding,
+    return ts.jit_phase_step(self.step_cfg, k, self.state_shardings[k], self.teacher_sharding,
                              self.batch_sharding)
 
   def lower(self, k: int, state=None, teacher_params=None, batch=None):
     """Phase k's step lowered for these arguments (default: the abstract ones)."""
-    state = self.abstract_state() if state is None else state
+    state = self.abstract_state(k) if state is None else state
     teacher_params = self.teacher_params() if teacher_params is None else teacher_params
     batch = self.abstract_batch() if batch is None else batch
     with jax.set_mesh(self.mesh):     # the models' activation constraints read it
@@ -102,14 +124,19 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       expert_apply=family.expert_apply, fake_apply=family.fake_apply)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  abstract = jax.eval_shape(
-      lambda r, p, e: ts.create_state(r, p, plan.num_phases, step_cfg.gen_tx, step_cfg.fake_tx,
-                                      e), rng, family.fake_init, family.expert_init)
-  if family.fake_axes is None:      # unannotated trees: the FSDP tactic
-    state_sharding = sh.tree_shardings(mesh, abstract)
-  else:
-    state_sharding = sh.train_state_shardings(mesh, abstract, (step_cfg.gen_tx, step_cfg.fake_tx),
-                                              family.fake_axes, family.expert_axes)
+  layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))
+  abstract, state_shardings = [], []
+  for lay in layouts:
+    tree = jax.eval_shape(
+        lambda r, p, e, lay=lay: ts.create_state(r, p, plan.num_phases, step_cfg.gen_tx,
+                                                 step_cfg.fake_tx, e, lay),
+        rng, family.fake_init, family.expert_init)
+    abstract.append(tree)
+    if family.fake_axes is None:      # unannotated trees: the FSDP tactic
+      state_shardings.append(sh.tree_shardings(mesh, tree))
+    else:
+      state_shardings.append(sh.train_state_shardings(
+          mesh, tree, (step_cfg.gen_tx, step_cfg.fake_tx), family.fake_axes, family.expert_axes))
   if family.teacher_axes is None:
     teacher_sharding = sh.tree_shardings(mesh, family.teacher_params)
   else:
@@ -118,9 +145,9 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
   y = jax.eval_shape(lambda: family.sample_cond(jax.random.PRNGKey(0), shape))
   batch_sharding = {"y": jax.tree.map(lambda a: sh.batch_sharding(mesh, 1, a.ndim), y)}
   return Assembly(config=config, plan=plan, family=family, mesh=mesh, step_cfg=step_cfg,
-                  state_sharding=state_sharding, teacher_sharding=teacher_sharding,
-                  batch_sharding=batch_sharding, rng=rng, data_key=data_key,
-                  abstract_state_tree=abstract, abstract_y=y)
+                  layouts=layouts, state_shardings=tuple(state_shardings),
+                  teacher_sharding=teacher_sharding, batch_sharding=batch_sharding, rng=rng,
+                  data_key=data_key, abstract_state_trees=tuple(abstract), abstract_y=y)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:

@@ -1,10 +1,15 @@
 """Orbax checkpoints: one item per generator expert, fake score and optimizer state.
 
-A step directory holds ``expert_<k>``, ``expert_opt_<k>``, ``fake_<k>``, ``fake_opt_<k>`` for
-every phase k, ``meta`` (JSON: step, rng) and ``config`` (JSON). The teacher is never saved.
+A step directory holds ``meta`` (JSON: step, rng, the live phases), ``config`` (JSON) and, for
+every live phase k of the state's layout (``train_step.layout``), ``expert_<k>``,
+``expert_opt_<k>``, ``fake_<k>``, ``fake_opt_<k>``. A finished (frozen) expert is written once,
+when its phase ends, to ``<workdir>/checkpoints_frozen/expert_<k>`` and read from there by
+every later restore: a save writes only the trees that change. The teacher is never saved.
+
 Orbax writes into a temporary directory and renames it on commit, so a save killed mid-write
 leaves a ``*.orbax-checkpoint-tmp-*`` directory that ``latest_step`` ignores: a half-written
-checkpoint is never restored. Restores take an abstract state carrying the target shardings.
+checkpoint is never restored. A frozen expert is committed before the first step checkpoint
+that needs it. Restores take an abstract state carrying the target shardings.
 """
 
 from __future__ import annotations
@@ -18,22 +23,33 @@ import orbax.checkpoint as ocp
 
 from pdmd_jax import train_step as ts
 
+_LIVE = ("expert", "expert_opt", "fake", "fake_opt")
 
-def _items(num_phases: int):
-  names = ["meta", "config"]
-  for k in range(num_phases):
-    names += [f"expert_{k}", f"expert_opt_{k}", f"fake_{k}", f"fake_opt_{k}"]
-  return tuple(names)
+
+def _live_phases(state: ts.TrainState) -> list[int]:
+  return [k for k, o in enumerate(state.expert_opt) if o is not None]
+
+
+def _frozen_phases(state: ts.TrainState) -> list[int]:
+  return [k for k, (e, o) in enumerate(zip(state.experts, state.expert_opt))
+          if e is not None and o is None]
+
+
+def _trees(state: ts.TrainState, k: int) -> dict:
+  return dict(zip(_LIVE, (state.experts[k], state.expert_opt[k], state.fakes[k],
+                          state.fake_opt[k])))
 
 
 class Checkpointer:
-  """Saves and restores a TrainState under ``<workdir>/checkpoints``."""
+  """Saves and restores a TrainState under ``<workdir>/checkpoints`` (+ ``checkpoints_frozen``)."""
 
   def __init__(self, workdir: str, num_phases: int, max_to_keep: int = 3, async_save: bool = True):
     self.num_phases = num_phases
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.frozen_directory = os.path.join(workdir, "checkpoints_frozen")
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=_items(num_phases),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
 
@@ -41,44 +57,53 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, state: ts.TrainState, config_json: dict, extra: dict | None = None):
+    """Saves the live phases' trees at ``state.step`` (frozen experts: ``save_frozen``)."""
     step = int(jax.device_get(state.step))
+    live = _live_phases(state)
     meta = {"step": step, "rng": [int(v) for v in np.asarray(jax.device_get(state.rng))],
-            **(extra or {})}
+            "live": live, **(extra or {})}
     args = {"meta": ocp.args.JsonSave(meta), "config": ocp.args.JsonSave(config_json)}
-    for k in range(self.num_phases):
-      args[f"expert_{k}"] = ocp.args.StandardSave(state.experts[k])
-      args[f"expert_opt_{k}"] = ocp.args.StandardSave(state.expert_opt[k])
-      args[f"fake_{k}"] = ocp.args.StandardSave(state.fakes[k])
-      args[f"fake_opt_{k}"] = ocp.args.StandardSave(state.fake_opt[k])
+    for k in live:
+      for name, tree in _trees(state, k).items():
+        args[f"{name}_{k}"] = ocp.args.StandardSave(tree)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, abstract_state: ts.TrainState, step: int | None = None):
-    """Restores ``step`` (default: latest committed) onto the shardings of ``abstract_state``.
+  def save_frozen(self, tree, name: str):
+    """Writes a finished tree (``expert_<k>``; ``fake_<k>`` to keep a dropped fake for analysis)
+    once, synchronously; a path left by an interrupted earlier run is overwritten."""
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(self.frozen_directory, name), tree, force=True)
+      ckptr.wait_until_finished()
 
-    Returns (state, meta dict).
-    """
+  def restore(self, abstract_state: ts.TrainState, step: int | None = None):
+    """Restores ``step`` (default: latest committed) onto the shardings of ``abstract_state``
+    (whose layout must be the one the checkpoint was saved in). Returns (state, meta dict)."""
     step = self.latest_step() if step is None else step
-    args = {"meta": ocp.args.JsonRestore()}
-    for k in range(self.num_phases):
-      for name, tree in ((f"expert_{k}", abstract_state.experts[k]),
-                         (f"expert_opt_{k}", abstract_state.expert_opt[k]),
-                         (f"fake_{k}", abstract_state.fakes[k]),
-                         (f"fake_opt_{k}", abstract_state.fake_opt[k])):
-        args[name] = ocp.args.StandardRestore(tree)
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    live = _live_phases(abstract_state)
+    if meta.get("live", live) != live:
+      raise ValueError(f"checkpoint at step {step} holds phases {meta['live']} live, the run "
+                       f"expects {live} (train.num_steps or method.order changed?)")
+    args = {f"{name}_{k}": ocp.args.StandardRestore(tree)
+            for k in live for name, tree in _trees(abstract_state, k).items()}
     r = self.manager.restore(step, args=ocp.args.Composite(**args))
-    meta = r["meta"]
-    rng = jnp.asarray(np.asarray(meta["rng"], dtype=np.uint32))
-    if getattr(abstract_state.rng, "sharding", None) is not None:
-      rng = jax.device_put(rng, abstract_state.rng.sharding)
-    step_arr = jnp.asarray(meta["step"], jnp.int32)
-    if getattr(abstract_state.step, "sharding", None) is not None:
-      step_arr = jax.device_put(step_arr, abstract_state.step.sharding)
-    state = ts.TrainState(
-        step=step_arr, rng=rng,
-        experts=tuple(r[f"expert_{k}"] for k in range(self.num_phases)),
-        expert_opt=tuple(r[f"expert_opt_{k}"] for k in range(self.num_phases)),
-        fakes=tuple(r[f"fake_{k}"] for k in range(self.num_phases)),
-        fake_opt=tuple(r[f"fake_opt_{k}"] for k in range(self.num_phases)))
+    experts, expert_opt = list(abstract_state.experts), list(abstract_state.expert_opt)
+    fakes, fake_opt = list(abstract_state.fakes), list(abstract_state.fake_opt)
+    for k in live:
+      experts[k], expert_opt[k] = r[f"expert_{k}"], r[f"expert_opt_{k}"]
+      fakes[k], fake_opt[k] = r[f"fake_{k}"], r[f"fake_opt_{k}"]
+    with ocp.StandardCheckpointer() as ckptr:
+      for k in _frozen_phases(abstract_state):
+        path = os.path.join(self.frozen_directory, f"expert_{k}")
+        if not os.path.isdir(path):
+          raise FileNotFoundError(f"frozen expert of phase {k + 1} missing at {path} (the "
+                                  f"checkpoint at step {step} needs it)")
+        experts[k] = ckptr.restore(path, abstract_state.experts[k])
+    state = ts.TrainState(step=_put(jnp.asarray(meta["step"], jnp.int32), abstract_state.step),
+                          rng=_put(jnp.asarray(np.asarray(meta["rng"], np.uint32)),
+                                   abstract_state.rng),
+                          experts=tuple(experts), expert_opt=tuple(expert_opt),
+                          fakes=tuple(fakes), fake_opt=tuple(fake_opt))
     return state, meta
 
   def wait(self):
@@ -87,3 +112,8 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _put(value, like):
+  sharding = getattr(like, "sharding", None)
+  return value if sharding is None else jax.device_put(value, sharding)

@@ -121,6 +121,9 @@ def train(batch_size: int, num_steps: int, *, log_every: int, ckpt_every: int,
   c.log_every = log_every                  # steps between metric writes
   c.ckpt_every = ckpt_every                # steps between checkpoints (and at each phase end)
   c.max_to_keep = max_to_keep
+  # Progressive order: a phase's fake score is dropped when its phase ends (the next phase's
+  # fake starts from the teacher); True also writes it to checkpoints_frozen/ for analysis.
+  c.keep_finished_fakes = False
   return c
 
 

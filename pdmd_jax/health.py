@@ -50,7 +50,7 @@ class HealthMonitor:
     return out
 
   def __call__(self, state) -> dict:
-    x = np.asarray(self._student(state.experts, self.run.teacher_params, self.z,
+    x = np.asarray(self._student(self.run.experts(state), self.run.teacher_params, self.z,
                                  jnp.asarray(self.labels)))
     s = self._stats(x)
     out = dict(s)

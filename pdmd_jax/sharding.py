@@ -219,15 +219,17 @@ def train_state_shardings(mesh, state, tx_of, param_axes, expert_axes=None,
   gen_tx, fake_tx = tx_of
   expert_axes = param_axes if expert_axes is None else expert_axes
   rep = NamedSharding(mesh, P())
-  experts = tuple(logical_shardings(mesh, e, expert_axes, rules, fsdp_min_size)
-                  for e in state.experts)
-  fakes = tuple(logical_shardings(mesh, f, param_axes, rules, fsdp_min_size) for f in state.fakes)
+  shard = lambda tree, axes: None if tree is None else logical_shardings(
+      mesh, tree, axes, rules, fsdp_min_size)
+  opt = lambda tx, opt_state, params, s: None if opt_state is None else opt_state_shardings(
+      tx, params, s, mesh)
+  experts = tuple(shard(e, expert_axes) for e in state.experts)
+  fakes = tuple(shard(f, param_axes) for f in state.fakes)
   return state.replace(
       step=rep, rng=rep, experts=experts, fakes=fakes,
-      expert_opt=tuple(opt_state_shardings(gen_tx, e, s, mesh)
-                       for e, s in zip(state.experts, experts)),
-      fake_opt=tuple(opt_state_shardings(fake_tx, f, s, mesh)
-                     for f, s in zip(state.fakes, fakes)))
+      expert_opt=tuple(opt(gen_tx, o, e, s)
+                       for o, e, s in zip(state.expert_opt, state.experts, experts)),
+      fake_opt=tuple(opt(fake_tx, o, f, s) for o, f, s in zip(state.fake_opt, state.fakes, fakes)))
 
 
 # ============================================================================================

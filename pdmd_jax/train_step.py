@@ -35,6 +35,11 @@ class TrainState:
   experts / expert_opt: one generator expert per phase and its optimizer state.
   fakes / fake_opt: one fake score per phase (initialised from the teacher or its fit): a
     full parameter copy, or a LoRA tree on the frozen teacher (shared-backbone mode).
+
+  Each tuple has one entry per phase; an entry is ``None`` where the layout (``layout``) holds
+  nothing: in the progressive order, while phase k trains, experts 0..k-1 are frozen
+  parameters (no moments), expert k and fake k are the only trainable trees, and phases after
+  k are not yet allocated. The interleaved order keeps every phase live.
   """
   step: jax.Array
   rng: jax.Array
@@ -51,24 +56,73 @@ def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
   return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
-def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx,
-                 expert_init=None) -> TrainState:
-  """Every fake score starts as a copy of ``init_params`` (the teacher or its fit, or a LoRA
-  tree with B = 0 in shared-backbone mode); every expert as a copy of ``expert_init`` (default
-  ``init_params``: full-copy experts; a LoRA tree with B = 0 for LoRA experts on the frozen
-  teacher).
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Which phases the state holds while one phase trains.
 
-  rng: the run's base key (uint32[2]) or an int seed.
+  frozen: phases whose expert is a finished, frozen parameter tree (no moments, no fake).
+  live: phases with a trainable expert, its moments, a fake score and its moments.
+  """
+  num_phases: int
+  frozen: tuple[int, ...]
+  live: tuple[int, ...]
+
+
+def layout(order: str, num_phases: int, k: int) -> Layout:
+  """The state layout while phase k trains: progressive keeps phase k live and 0..k-1 frozen
+  (the paper's order; each phase costs about one-step DMD); interleaved keeps every phase live."""
+  if order == "interleaved":
+    return Layout(num_phases, (), tuple(range(num_phases)))
+  return Layout(num_phases, tuple(range(k)), (k,))
+
+
+def _copy(tree):
+  return jax.tree.map(jnp.array, tree)
+
+
+def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx, expert_init=None,
+                 lay: Layout | None = None) -> TrainState:
+  """A state in layout ``lay`` (default: every phase live) with every tree at its start.
+
+  Fake scores start as a copy of ``init_params`` (the teacher or its fit, or a LoRA tree with
+  B = 0 in shared-backbone mode); experts as a copy of ``expert_init`` (default
+  ``init_params``: full-copy experts; a LoRA tree with B = 0 for LoRA experts on the frozen
+  teacher). rng: the run's base key (uint32[2]) or an int seed.
   """
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
-  copy = lambda tree: jax.tree.map(jnp.array, tree)
-  experts = tuple(copy(init_params if expert_init is None else expert_init)
-                  for _ in range(num_phases))
-  fakes = tuple(copy(init_params) for _ in range(num_phases))
-  return TrainState(step=jnp.zeros((), jnp.int32), rng=rng,
-                    experts=experts, expert_opt=tuple(gen_tx.init(p) for p in experts),
-                    fakes=fakes, fake_opt=tuple(fake_tx.init(p) for p in fakes))
+  lay = lay or Layout(num_phases, (), tuple(range(num_phases)))
+  expert_init = init_params if expert_init is None else expert_init
+  held = set(lay.frozen) | set(lay.live)
+  live = set(lay.live)
+  experts = tuple(_copy(expert_init) if j in held else None for j in range(num_phases))
+  fakes = tuple(_copy(init_params) if j in live else None for j in range(num_phases))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=rng, experts=experts,
+      expert_opt=tuple(gen_tx.init(e) if j in live else None for j, e in enumerate(experts)),
+      fakes=fakes, fake_opt=tuple(None if f is None else fake_tx.init(f) for f in fakes))
+
+
+def start_phase(state: TrainState, k: int, init_params, gen_tx, fake_tx,
+                expert_init=None) -> TrainState:
+  """Progressive order, phase k > 0 begins: expert k-1 is frozen (its moments dropped), fake
+  k-1 and its moments are dropped, and phase k's expert and fake start from their initial
+  trees (the fake from the teacher, as the paper re-initialises it at each phase)."""
+  expert_init = init_params if expert_init is None else expert_init
+  new = lambda tree, value: _set(tree, k, value)
+  drop = lambda tree: _set(tree, k - 1, None)
+  expert = _copy(expert_init)
+  fake = _copy(init_params)
+  return state.replace(experts=new(state.experts, expert),
+                       expert_opt=new(drop(state.expert_opt), gen_tx.init(expert)),
+                       fakes=new(drop(state.fakes), fake),
+                       fake_opt=new(drop(state.fake_opt), fake_tx.init(fake)))
+
+
+def fill_experts(experts, expert_init):
+  """Every phase's expert, the not-yet-trained ones (``None``) at their initial tree (which
+  samples like the teacher): what a few-step sampler of a mid-run state runs."""
+  return tuple(expert_init if e is None else e for e in experts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

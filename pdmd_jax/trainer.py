@@ -52,16 +52,17 @@ class Run:
   teacher = property(lambda self: self.asm.family.teacher)
   sample_shape = property(lambda self: tuple(self.asm.family.sample_shape))
   num_classes = property(lambda self: self.asm.family.num_classes)
-  state_sharding = property(lambda self: self.asm.state_sharding)
 
   @property
   def steps_per_phase(self) -> int:
     return self.config.train.num_steps // self.plan.num_phases
 
   def phase_of(self, step: int) -> int:
-    if self.plan.order == "interleaved":
-      return step % self.plan.num_phases
-    return min(step // self.steps_per_phase, self.plan.num_phases - 1)
+    return self.asm.phase_of(step)
+
+  def experts(self, state):
+    """Every phase's expert of ``state``; phases not yet trained at their initial tree."""
+    return ts.fill_experts(state.experts, self.family.expert_init)
 
   def experts_apply(self):
     """Apply function(s) of the generator experts (LoRA experts read the teacher's backbone)."""
@@ -87,12 +88,13 @@ def batch_for_step(run: Run, step: int):
   return run.batch_fn(np.int32(step))
 
 
-def compile_phase_steps(run: Run, state) -> tuple[dict, dict]:
-  """AOT-compiles one phase step per phase; returns ({k: compiled}, {k: memory stats})."""
+def compile_phase_steps(run: Run) -> tuple[dict, dict]:
+  """AOT-compiles one phase step per phase (each for its state layout); returns
+  ({k: compiled}, {k: memory stats})."""
   compiled, memory = {}, {}
   batch = batch_for_step(run, 0)
   for k in range(run.plan.num_phases):
-    compiled[k] = run.asm.lower(k, state, run.teacher_params, batch).compile()
+    compiled[k] = run.asm.lower(k, None, run.teacher_params, batch).compile()
     m = assembly.memory(compiled[k])
     memory[k] = {"peak_bytes": m["peak"], "temp_bytes": m["temp"], "argument_bytes": m["argument"]}
   return compiled, memory
@@ -119,10 +121,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   if ckpt.latest_step() is None:
     state = initial_state(run)
   else:   # restore onto the abstract state: no second copy of the state is allocated
-    state, meta = ckpt.restore(run.asm.abstract_state())
-    say(f"Resumed from {ckpt.directory} at step {meta['step']} (phase "
-        f"{run.phase_of(min(meta['step'], config.train.num_steps - 1)) + 1}).")
-  compiled, memory = compile_phase_steps(run, state)
+    k = run.asm.layout_phase(ckpt.latest_step())
+    state, meta = ckpt.restore(run.asm.abstract_state(k))
+    say(f"Resumed from {ckpt.directory} at step {meta['step']} (phase {k + 1}).")
+  compiled, memory = compile_phase_steps(run)
+  start_phase = run.asm.start_phase()
   total = config.train.num_steps
   end = total if stop_at_step is None else min(stop_at_step, total)
   writer = _writer(workdir)
@@ -156,6 +159,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       step += 1
       bar.update(1)
       phase_end = run.plan.order == "progressive" and step % run.steps_per_phase == 0
+      if phase_end and step < total:   # the next phase's layout; expert k is written once
+        _drain(pending, writer, config.train.log_every)
+        if config.train.keep_finished_fakes:
+          ckpt.save_frozen(state.fakes[k], f"fake_{k}")
+        state = start_phase[k + 1](state, run.family.fake_init, run.family.expert_init)
+        ckpt.save_frozen(state.experts[k], f"expert_{k}")
       saved = step % config.train.ckpt_every == 0 or phase_end or step == end
       if saved:
         _drain(pending, writer, config.train.log_every)   # never save after a non-finite step
@@ -247,7 +256,7 @@ def restore_latest(config, workdir: str, devices=None):
   ckpt = checkpointing.Checkpointer(workdir, run.plan.num_phases, config.train.max_to_keep)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first (--mode=train)")
-  state, _ = ckpt.restore(run.asm.abstract_state())
+  state, _ = ckpt.restore(run.asm.abstract_state(run.asm.layout_phase(ckpt.latest_step())))
   ckpt.close()
   return run, state
 
@@ -260,7 +269,8 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   y = run.sample_labels(k_y, (n,))
   z = jax.random.normal(k_z, (n,) + run.sample_shape)
   traj = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
-      run.plan, run.step_cfg.experts_apply(tp), e, z, y))(state.experts, run.teacher_params, z, y)
+      run.plan, run.step_cfg.experts_apply(tp), e, z, y))(run.experts(state), run.teacher_params,
+                                                          z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
   labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices
   np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(labels),

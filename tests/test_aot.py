@@ -46,18 +46,18 @@ def test_abstract_phase_step_compiles_on_a_mesh():
       "fake.ttur": 1, "train.batch_size": 8, "generator.lora_rank": 4, "mesh.data": 1,
       "mesh.fsdp": 4, "mesh.tensor": 2})
   asm = assembly.build(c, abstract=True)
-  chex.assert_trees_all_equal_structs(asm.abstract_state(), asm.state_sharding)
+  chex.assert_trees_all_equal_structs(asm.abstract_state(1), asm.state_shardings[1])
   r = plan.compile_phase_step(asm, 1)
   m = r["memory"]
   # Donation: the whole state is an input and an output, so it aliases; what is left of the
   # arguments is the teacher and the batch.
-  state_bytes = assembly.num_bytes(asm.abstract_state()) // 8   # every leaf split 8 ways or less
+  state_bytes = assembly.num_bytes(asm.abstract_state(1)) // 8   # every leaf split 8 ways or less
   assert m["alias"] >= state_bytes > 0
   assert m["temp"] > 0 and m["argument"] >= m["alias"]
   assert r["matmul_flops"] > 0 and r["while_loops"] == 2          # the SGTS stop loops
   rows = plan.largest_arrays({"state": r["args"][0]}, n=50)
   specs = {row["path"]: row["spec"] for row in rows}
-  assert specs["state.fakes[0].blocks.fc1.kernel"] == "P(None, 'fsdp', 'tensor')"
+  assert specs["state.fakes[1].blocks.fc1.kernel"] == "P(None, 'fsdp', 'tensor')"
   text = plan.format_report(r, asm.mesh, "tiny")
   assert "| temp |" in text and "largest arguments" in text
 
@@ -71,6 +71,6 @@ def test_planner_compiles_the_trainers_program():
   c.mesh.data, c.mesh.fsdp = 2, -1
   planned = assembly.build(c, abstract=True).lower(1)   # what aot.compile_phase_step compiles
   run = trainer.build(c)
-  lowered = run.asm.lower(1, trainer.initial_state(run), run.teacher_params,
+  lowered = run.asm.lower(1, run.asm.initial_state(1), run.teacher_params,
                           trainer.batch_for_step(run, 0))
   assert lowered.as_text() == planned.as_text()   # hence the same compiled program

@@ -69,9 +69,11 @@ def test_abstract_and_concrete_builds_agree(name):
         assert len(n) == leaf.ndim
   # The same step config and shardings either way; the state's tree follows its shardings.
   assert abstract.step_cfg.sample_shape == concrete.step_cfg.sample_shape == tuple(k.sample_shape)
-  chex.assert_trees_all_equal_structs(abstract.abstract_state(), concrete.state_sharding)
-  assert jax.tree.map(lambda s: s.spec, abstract.state_sharding) == \
-      jax.tree.map(lambda s: s.spec, concrete.state_sharding)
+  for phase in range(abstract.plan.num_phases):
+    chex.assert_trees_all_equal_structs(abstract.abstract_state(phase),
+                                        concrete.state_shardings[phase])
+  assert jax.tree.map(lambda s: s.spec, abstract.state_shardings) == \
+      jax.tree.map(lambda s: s.spec, concrete.state_shardings)
   # Conditioning of the batch's shape, a function of (seed, step) only.
   batch = concrete.batch_fn()(3)
   rows, b = concrete.batch_shape

@@ -24,6 +24,7 @@ def _run(expert_apply):
   step_cfg = types.SimpleNamespace(experts_apply=lambda tp: expert_apply)
   config = configs.load("configs/gmm.py:runlocal")
   return types.SimpleNamespace(sample_shape=(2,), num_classes=2, plan=plan, step_cfg=step_cfg,
+                               experts=lambda state: state.experts,
                                teacher=teachers.gmm_teacher(sched, 2), teacher_params=gmm,
                                config=config)
 

@@ -57,9 +57,9 @@ def _two_steps(asm, state, teacher, batch):
 @pytest.fixture(scope="module")
 def reference():
   asm = _asm()
-  state0 = jax.device_get(asm.initial_state())
+  state0 = jax.device_get(asm.initial_state(PHASE))
   teacher, batch = jax.device_get(asm.teacher_params()), jax.device_get(asm.batch_fn()(0))
-  out = _two_steps(asm, asm.initial_state(), asm.teacher_params(), asm.batch_fn()(0))
+  out = _two_steps(asm, asm.initial_state(PHASE), asm.teacher_params(), asm.batch_fn()(0))
   return state0, teacher, batch, jax.device_get(out)
 
 
@@ -71,7 +71,7 @@ def _specs(tree):
 def test_mesh_matches_single_device(reference, name):
   state0, teacher_params, batch, (s_ref, m_ref) = reference
   asm = _asm(MESHES[name], abstract=True)
-  state_sh, teacher_sh, batch_sh = asm.state_sharding, asm.teacher_sharding, asm.batch_sharding
+  state_sh, teacher_sh, batch_sh = asm.state_shardings[PHASE], asm.teacher_sharding, asm.batch_sharding
   state = jax.device_put(state0, state_sh)
   teacher = jax.device_put(teacher_params, teacher_sh)
   # Lowered under the mesh (Assembly.lower), the models' batch and per-block token constraints
@@ -92,11 +92,11 @@ def test_mesh_matches_single_device(reference, name):
 def test_every_parameter_follows_the_rules():
   """Every fake/teacher leaf gets logical_spec(axes); named leaves on (fsdp 4 x tensor 2)."""
   asm = _asm(MESHES["fsdp4_tensor2"], abstract=True)
-  mesh, state_sh, teacher_sh = asm.mesh, asm.state_sharding, asm.teacher_sharding
+  mesh, state_sh, teacher_sh = asm.mesh, asm.state_shardings[PHASE], asm.teacher_sharding
   axes = models.logical_axes(CFG)
   expected = jax.tree.map(lambda n, x: sh.logical_spec(n, shape=x.shape, mesh=mesh), axes,
                           asm.family.teacher_params, is_leaf=lambda n: isinstance(n, tuple))
-  for tree in (teacher_sh, *state_sh.fakes):
+  for tree in (teacher_sh, state_sh.fakes[PHASE]):
     assert jax.tree.map(lambda s: s.spec, tree) == expected
   fake, blk = state_sh.fakes[PHASE], state_sh.fakes[PHASE]["blocks"][0]
   assert blk["qkv"]["kernel"].spec == P("fsdp", "tensor")        # (embed, heads) [16, 48]
@@ -144,7 +144,7 @@ def test_rules_fall_back_to_replication():
 
 def test_context_axis_also_splits_parameters():
   asm = _asm(MESHES["data2_context4"], abstract=True)
-  mesh, state_sh, teacher_sh, batch_sh = (asm.mesh, asm.state_sharding, asm.teacher_sharding,
+  mesh, state_sh, teacher_sh, batch_sh = (asm.mesh, asm.state_shardings[PHASE], asm.teacher_sharding,
                                           asm.batch_sharding)
   assert teacher_sh["blocks"][0]["qkv"]["kernel"].spec == P("context")   # embed -> context
   assert state_sh.experts[PHASE]["blocks.0.fc2.kernel"]["b"].spec == P(None, "context")

@@ -22,17 +22,28 @@ def _equal(a, b):
 
 
 def test_phase_step_updates_only_its_phase_and_never_retraces(gmm_config):
+  """Progressive order: phase 1's state holds expert 0 frozen (no moments, no fake), phase 1's
+  expert and fake started from their initial trees; the step trains only phase 1."""
   run = _run(gmm_config, "method=phased_dmd_sgts,steps=4,phases=2,runlocal", jax.devices()[:1])
+  fam = run.family
   state0 = trainer.initial_state(run)
-  keep = jax.device_get(state0)
+  assert state0.experts[1] is None and state0.fakes[1] is None and state0.fake_opt[1] is None
+  state0, _ = ts.jit_phase_step(run.step_cfg, 0)(state0, run.teacher_params,
+                                                  trainer.batch_for_step(run, 0))
+  trained0 = jax.device_get(state0.experts[0])
+  state1 = run.asm.start_phase()[1](state0, fam.fake_init, fam.expert_init)
+  assert state1.expert_opt[0] is None and state1.fakes[0] is None and state1.fake_opt[0] is None
+  assert _equal(state1.experts[0], trained0)                     # the finished expert, frozen
+  assert _equal(state1.experts[1], fam.expert_init) and _equal(state1.fakes[1], fam.fake_init)
+  assert int(state1.expert_opt[1][0].count) == 0                 # fresh AdamW moments
+  keep = jax.device_get(state1)
   fn = ts.jit_phase_step(run.step_cfg, 1)
-  state = state0
+  state = state1
   for step in range(3):
     state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))
   assert fn._cache_size() == 1            # one trace and compile for all steps
-  assert int(state.step) == 3 and bool(metrics["finite"])
-  assert _equal(state.experts[0], keep.experts[0]) and _equal(state.fakes[0], keep.fakes[0])
-  assert _equal(state.expert_opt[0], keep.expert_opt[0])
+  assert int(state.step) == 4 and bool(metrics["finite"])
+  assert _equal(state.experts[0], keep.experts[0])
   assert not _equal(state.experts[1], keep.experts[1])
   assert not _equal(state.fakes[1], keep.fakes[1])
   assert 0 <= int(metrics["stop_index"]) < 2
@@ -72,7 +83,8 @@ def test_data2_fsdp4_matches_single_device(gmm_config, variant):
   many = _run(gmm_config, variant, mesh=(2, 4))
   results = []
   for run in (one, many):
-    state = trainer.initial_state(run)
+    state = run.asm.start_phase()[1](trainer.initial_state(run), run.family.fake_init,
+                                     run.family.expert_init)
     fn = run.asm.jit_step(1)    # the trainer's jitted step with its shardings
     for step in range(2):
       state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))

@@ -28,7 +28,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   y = gmm_lib.sample_labels(k_y, gmm, c.teacher.num_classes, (n,))
   z = jax.random.normal(k_z, (n, c.teacher.dim))
   student = jax.jit(lambda e, z, y: sampling.few_step_sample(run.plan, run.experts_apply(), e, z,
-                                                             y))(state.experts, z, y)
+                                                             y))(run.experts(state), z, y)
   teacher = jax.jit(lambda p, z, y: sampling.teacher_sample(
       run.teacher, p, run.plan, z, y, substeps=c.eval.teacher_substeps, shift_value=c.shift))(
           gmm, z, y)

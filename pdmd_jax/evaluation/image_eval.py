@@ -84,7 +84,7 @@ def grid_order(x, num_classes: int, seeds: int = GRID_SEEDS):
 
 def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True) -> dict:
   z, labels = inputs(run)
-  traj = student_samples(run, state.experts, z, labels)
+  traj = student_samples(run, run.experts(state), z, labels)
   student = traj[-1]
   teacher = teacher_samples(run, z, labels, workdir)
   labels = np.asarray(labels)

@@ -150,7 +150,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   c = run.config
   z, y = inputs(run)
   student_fn, _ = _fns(run)
-  student = _batched(lambda z, y: student_fn(state.experts, run.teacher_params, z, y), z, y,
+  student = _batched(lambda z, y: student_fn(run.experts(state), run.teacher_params, z, y), z, y,
                      c.eval.batch_size)
   teacher = teacher_latents(run, z, y, workdir)
   out = report(student, teacher, run.plan)
