@@ -164,7 +164,61 @@ def build(config, *, devices=None, abstract: bool = False, workdir: str | None =
   mesh = make_mesh(config, devices)
   family = families.get(config.teacher.type).build(config, plan, mesh, abstract=abstract,
                                                    workdir=workdir)
-  return assemble(plan, family, config, mesh)
+  asm = assemble(plan, family, config, mesh)
+  check_fits(asm)
+  return asm
+
+
+def device_memory_bytes(config, device) -> int | None:
+  """train.device_memory_gib, else the device's own limit (GPU/TPU); None: unknown (CPU)."""
+  gib = config.train.get("device_memory_gib", 0.0)
+  if gib:
+    return int(gib * 2**30)
+  try:
+    return (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (memory_stats is backend-dependent)
+    return None
+
+
+def per_device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of ``tree`` (abstract or concrete) under ``shardings``."""
+  return int(sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)))
+
+
+def check_fits(asm: Assembly):
+  """Refuses, before anything is compiled, a mesh whose devices cannot hold the state and the
+  teacher, and dense attention whose logits cannot fit a device, naming the numbers and the
+  levers. Nothing is checked when the device memory is unknown (CPU without
+  train.device_memory_gib)."""
+  config = asm.config
+  budget = device_memory_bytes(config, asm.mesh.devices.flat[0])
+  if not budget:
+    return
+  gib = lambda b: f"{b / 2**30:.1f} GiB"
+  sizes = dict(asm.mesh.shape)
+  teacher = per_device_bytes(asm.family.teacher_params, asm.teacher_sharding)
+  for k in range(asm.plan.num_phases):
+    state = per_device_bytes(asm.abstract_state_trees[k], asm.state_shardings[k])
+    if state + teacher > budget:
+      raise ValueError(
+          f"mesh {sizes}: phase {k + 1}'s state ({gib(state)}) and the teacher ({gib(teacher)}) "
+          f"need {gib(state + teacher)} per device, more than the device's {gib(budget)} "
+          f"(train.device_memory_gib). Levers: a larger mesh.fsdp (or fsdp x context: "
+          f"parameters split over both), fake.lora_rank > 0 (shared-backbone fakes: no full "
+          f"fake copy nor its AdamW moments), model.teacher_dtype=bfloat16 (the frozen teacher "
+          f"in the compute dtype), phase_order=progressive (one phase live at a time).")
+  tokens, heads = asm.family.attention_shape
+  if tokens and config.get("model", {}).get("attention", "dense") == "dense":
+    logits = heads // sizes["tensor"] * tokens**2 * 4 if heads % sizes["tensor"] == 0 else \
+        heads * tokens**2 * 4
+    if logits > budget:
+      raise ValueError(
+          f"model.attention='dense' materialises [heads, L, L] float32 logits: L = {tokens} "
+          f"tokens, {heads} heads -> {gib(logits)} per sample and layer on one device, more "
+          f"than the device's {gib(budget)} (train.device_memory_gib). Levers: "
+          f"model.attention='blockwise' (never builds [L, L]), fewer tokens (data.num_frames, "
+          f"data.height, data.width), mesh.tensor (splits the heads).")
 
 
 def memory(compiled) -> dict[str, int]:

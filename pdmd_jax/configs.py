@@ -124,6 +124,9 @@ def train(batch_size: int, num_steps: int, *, log_every: int, ckpt_every: int,
   # Progressive order: a phase's fake score is dropped when its phase ends (the next phase's
   # fake starts from the teacher); True also writes it to checkpoints_frozen/ for analysis.
   c.keep_finished_fakes = False
+  # Memory of one device (GiB) for the fit check before compiling (state + teacher, dense
+  # attention logits); 0: the device's own limit (GPU/TPU memory_stats; no check on CPU).
+  c.device_memory_gib = 0.0
   return c
 
 

@@ -97,38 +97,91 @@ def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0) -> Tea
 # Mixture of experts (Wan2.2 A14B: a high-noise and a low-noise expert, spec §1.3, §3.4)
 # ---------------------------------------------------------------------------------------------
 
-def moe_apply(apply_high, apply_low, boundary: float, route: str = "switch"):
+@dataclasses.dataclass(frozen=True, eq=False)
+class MoE:
   """apply((high, low), x, t, y): each sample's velocity from the expert owning its t.
 
   Sample i uses ``apply_high`` if t_i >= boundary (Wan: timestep >= boundary * 1000), else
   ``apply_low``. No shape-static program can send half a batch to each expert, so a batch
   that straddles the boundary runs both experts on all of it and selects per sample (2x the
-  FLOPs and activations of one expert). Cost choice:
+  FLOPs and activations of one expert). Cost choice (``route``):
   - "switch" (default): ``lax.switch`` on the batch: all t >= boundary -> the high expert
     only, all below -> the low expert only, mixed -> both + select. The few-step sampler, the
     teacher reference and the phase-1 losses (t clamped to >= boundary) pay for one expert;
     only straddling batches (the last phase's re-noise t in (0, 1)) pay for two. The
     predicate is a reduction over the (sharded) batch: one tiny all-reduce.
   - "where": always both experts + select (no control flow; 2x cost everywhere).
-  Gradients (the fake-score update) reach only the expert that produced each sample.
+  Gradients (the fake-score update) reach only the expert that produced each sample; take
+  them with ``value_and_grad``, not by differentiating the call.
   """
-  if route not in ROUTES:
-    raise ValueError(f"route={route!r} is unknown; allowed: {list(ROUTES)}")
+  apply_high: Callable
+  apply_low: Callable
+  boundary: float
+  route: str = "switch"
 
-  def both(params, x, t, y):
-    high = S.bcast(t >= boundary, x)
-    return jnp.where(high, apply_high(params[0], x, t, y), apply_low(params[1], x, t, y))
+  def __post_init__(self):
+    if self.route not in ROUTES:
+      raise ValueError(f"route={self.route!r} is unknown; allowed: {list(ROUTES)}")
 
-  def apply(params, x, t, y):
-    if route == "where":
-      return both(params, x, t, y)
-    is_high = t >= boundary
-    index = jnp.where(jnp.all(is_high), 0, jnp.where(jnp.any(is_high), 2, 1))
-    branches = (lambda p, x, t, y: apply_high(p[0], x, t, y),
-                lambda p, x, t, y: apply_low(p[1], x, t, y), both)
-    return jax.lax.switch(index, branches, params, x, t, y)
+  def _both(self, params, x, t, y):
+    high = S.bcast(t >= self.boundary, x)
+    return jnp.where(high, self.apply_high(params[0], x, t, y), self.apply_low(params[1], x, t, y))
 
-  return apply
+  def index(self, t):
+    """0: every t on the high expert, 1: every t on the low one, 2: the batch straddles."""
+    is_high = t >= self.boundary
+    return jnp.where(jnp.all(is_high), 0, jnp.where(jnp.any(is_high), 2, 1))
+
+  def __call__(self, params, x, t, y):
+    if self.route == "where":
+      return self._both(params, x, t, y)
+    branches = (lambda p, x, t, y: self.apply_high(p[0], x, t, y),
+                lambda p, x, t, y: self.apply_low(p[1], x, t, y), self._both)
+    return jax.lax.switch(self.index(t), branches, params, x, t, y)
+
+  def value_and_grad(self, loss_of_pred, params, x, t, y):
+    """(loss, grads) of ``loss_of_pred(self(params, x, t, y))`` w.r.t. params = (high, low).
+
+    Same value and gradient as ``jax.value_and_grad`` of the call, with the routing outside
+    the differentiation: differentiating through ``lax.switch`` keeps the residuals of every
+    branch (one expert's, the other's, both) live at once, four stacks of per-layer
+    activations; here each branch differentiates on its own. A straddling batch takes the two
+    experts' gradients one after the other (the low expert's prediction computed once more
+    without gradient), so at most one expert's activations are held for a backward pass.
+    """
+    sg = jax.lax.stop_gradient
+    high = S.bcast(t >= self.boundary, x)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+    def single(i):
+      fn = (self.apply_high, self.apply_low)[i]
+
+      def branch(params):
+        loss, g = jax.value_and_grad(lambda q: loss_of_pred(fn(q, x, t, y)))(params[i])
+        return loss, ((g, zeros(params[1])) if i == 0 else (zeros(params[0]), g))
+      return branch
+
+    def both(params):
+      low = sg(self.apply_low(params[1], x, t, y))
+
+      def loss_high(q):
+        pred_high = self.apply_high(q, x, t, y)
+        return loss_of_pred(jnp.where(high, pred_high, low)), pred_high
+
+      (loss, pred_high), g_high = jax.value_and_grad(loss_high, has_aux=True)(params[0])
+      pred_high = sg(pred_high)
+      g_low = jax.grad(lambda q: loss_of_pred(
+          jnp.where(high, pred_high, self.apply_low(q, x, t, y))))(params[1])
+      return loss, (g_high, g_low)
+
+    if self.route == "where":
+      return both(params)
+    return jax.lax.switch(self.index(t), (single(0), single(1), both), params)
+
+
+def moe_apply(apply_high, apply_low, boundary: float, route: str = "switch") -> MoE:
+  """The two-expert router (see ``MoE``)."""
+  return MoE(apply_high, apply_low, boundary, route)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,11 +184,12 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
                                              _fake_target_kind(cfg, phase))
 
   fake_apply = cfg.fakes_apply(teacher_params)
-
-  def loss_fn(p):
-    return losses.fake_loss(fake_apply(p, x_t, t, y), weight, scale, target)
-
-  loss, grads = jax.value_and_grad(loss_fn)(state.fakes[k])
+  loss_of_pred = lambda pred: losses.fake_loss(pred, weight, scale, target)
+  if isinstance(fake_apply, teachers.MoE):   # routed outside the differentiation
+    loss, grads = fake_apply.value_and_grad(loss_of_pred, state.fakes[k], x_t, t, y)
+  else:
+    loss, grads = jax.value_and_grad(lambda p: loss_of_pred(fake_apply(p, x_t, t, y)))(
+        state.fakes[k])
   updates, opt = cfg.fake_tx.update(grads, state.fake_opt[k], state.fakes[k])
   params = optax.apply_updates(state.fakes[k], updates)
   state = state.replace(fakes=_set(state.fakes, k, params), fake_opt=_set(state.fake_opt, k, opt))

@@ -98,6 +98,8 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
   for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.ckpt_every",
             "train.max_to_keep", "eval.num_samples", "eval.teacher_substeps"):
     positive(config, f, integer=True)
+  if has(config, "train.device_memory_gib"):
+    positive(config, "train.device_memory_gib", minimum=0.0)
   if "health" in config:
     positive(config, "health.every", integer=True, minimum=0)
     positive(config, "health.seeds", integer=True, minimum=2)

@@ -74,3 +74,24 @@ def test_planner_compiles_the_trainers_program():
   lowered = run.asm.lower(1, run.asm.initial_state(1), run.teacher_params,
                           trainer.batch_for_step(run, 0))
   assert lowered.as_text() == planned.as_text()   # hence the same compiled program
+
+
+def test_a_mesh_that_cannot_hold_the_state_is_refused_before_compiling():
+  """Wan2.2-A14B at the paper's resolution with 80 GiB devices: one device cannot hold the
+  state (the error names the GiB and the levers); 8 can, but dense attention cannot (32,760
+  tokens: the error names the sequence length and the blockwise implementation)."""
+  c = configs.load("configs/wan22.py")
+  c.train.device_memory_gib = 80.0
+  c.mesh.data, c.mesh.fsdp, c.train.batch_size = 1, 1, 1
+  with pytest.raises(ValueError, match=r"need [\d.]+ GiB per device.*80\.0 GiB.*mesh\.fsdp.*"
+                                       r"fake\.lora_rank"):
+    assembly.build(c, devices=jax.devices()[:1], abstract=True)
+  c.mesh.fsdp, c.train.batch_size = 8, 8
+  c.model.attention = "dense"
+  with pytest.raises(ValueError, match=r"L = 32760 tokens, 40 heads.*model\.attention="
+                                       r"'blockwise'"):
+    assembly.build(c, abstract=True)
+  c.model.attention = "blockwise"
+  asm = assembly.build(c, abstract=True)          # fits: state + teacher under 80 GiB
+  state = assembly.per_device_bytes(asm.abstract_state_trees[1], asm.state_shardings[1])
+  assert 30 * 2**30 < state < 60 * 2**30

@@ -37,8 +37,11 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   config = _config(gmm_config)
   dev = jax.devices()[:1]
   a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  trainer.train_and_evaluate(config, a, devices=dev, final_eval=False, evaluate_phases=False,
+  keep = config.copy_and_resolve_references()
+  keep.train.keep_finished_fakes = True      # the dropped fake is written for analysis
+  trainer.train_and_evaluate(keep, a, devices=dev, final_eval=False, evaluate_phases=False,
                              verbose=False)
+  assert sorted(os.listdir(os.path.join(a, "checkpoints_frozen"))) == ["expert_0", "fake_0"]
   for stop in (4, 5):
     out = trainer.train_and_evaluate(config, b, devices=dev, stop_at_step=stop, final_eval=False,
                                      evaluate_phases=False, verbose=False)

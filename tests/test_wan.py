@@ -158,3 +158,29 @@ def test_bf16_compute_and_params():
   rel = np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
   print(f"bf16 vs fp32 relative max error: {rel:.3e}")
   assert rel < 5e-2
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_merged_per_layer_inside_the_scan(scan):
+  """lora.Deferred kernels (merged in each block's body) give the up-front merge's output and
+  LoRA gradients; scanned, the step never holds every layer's merged kernels at once."""
+  from pdmd_jax.models import lora  # pylint: disable=import-outside-toplevel
+  cfg = wan.tiny(num_layers=6, ffn_dim=256, scan_layers=scan)
+  params = _random_params(dataclasses.replace(cfg, scan_layers=False))
+  if scan:
+    params = _stack_blocks(params, cfg.num_layers)
+  spec = lora.LoraSpec(((r"blocks\.(\d+\.)?(attn1\.to_q|ffn\.fc1|ffn\.fc2)\.kernel", 4, 4.0),))
+  factors = lora.init(spec, params, jax.random.PRNGKey(0))
+  factors = jax.tree.map(lambda a: a + 0.05, factors)            # B != 0: the LoRA acts
+  graphdef = nnx.graphdef(wan.abstract_model(cfg))
+  net = lambda p, x, t, y: nnx.merge(graphdef, nnx.State(p))(x, t, y)
+  args = _inputs(cfg)[:3]
+  fns = {d: jax.jit(jax.value_and_grad(lambda f, d=d: jnp.sum(
+      lora.apply_on(net, spec, params, d)(f, *args) ** 2))) for d in (None, r"blocks\..*")}
+  (v_up, g_up), (v_in, g_in) = (fns[None](factors), fns[r"blocks\..*"](factors))
+  np.testing.assert_allclose(v_in, v_up, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_in), jax.tree.leaves(g_up)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if scan:
+    temp = lambda d: fns[d].lower(factors).compile().memory_analysis().temp_size_in_bytes
+    assert temp(r"blocks\..*") < temp(None)

@@ -59,6 +59,34 @@ def test_moe_routes_each_sample_by_t(route):
   np.testing.assert_allclose([g_high, g_low], [3 * (1 + 2 + 3), 3 * (4 + 5 + 6)])
 
 
+def _scanned(p, x, t, y):   # a deep expert: its backward keeps one activation per layer
+  del t, y
+  return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p)[0]
+
+
+@pytest.mark.parametrize("route", teachers.ROUTES)
+def test_moe_value_and_grad_routes_outside_the_differentiation(route):
+  """MoE.value_and_grad (the fake-score update) = value_and_grad of the call, for a batch on
+  the high expert, on the low one and straddling; and it never holds the residuals of every
+  switch branch at once (differentiating through lax.switch does: 3x the temporaries here)."""
+  moe = teachers.moe_apply(_scanned, _scanned, 0.5, route)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = (0.2 * jax.random.normal(k1, (16, 64, 64)), 0.2 * jax.random.normal(k2, (16, 64, 64)))
+  x, target = jax.random.normal(k3, (2, 8, 64))
+  loss = lambda pred: jnp.mean((pred - target) ** 2 * jnp.arange(1.0, 9.0)[:, None])
+  plain = jax.jit(lambda p, t: jax.value_and_grad(lambda q: loss(moe(q, x, t, None)))(p))
+  routed = jax.jit(lambda p, t: moe.value_and_grad(loss, p, x, t, None))
+  for t in (jnp.full((8,), 0.9), jnp.full((8,), 0.1), jnp.linspace(0.0, 1.0, 8)):
+    (l_a, g_a), (l_b, g_b) = plain(params, t), routed(params, t)
+    np.testing.assert_allclose(l_b, l_a, rtol=1e-6)
+    for a, b in zip(g_a, g_b):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g_b[0]).sum() + jnp.abs(g_b[1]).sum()) > 0
+  if route == "switch":
+    temp = lambda f: assembly.memory(f.lower(params, t).compile())["temp"]
+    assert temp(routed) < 0.5 * temp(plain)
+
+
 def test_moe_teacher_cfg_uses_the_negative_and_a_scale_per_expert():
   def apply(p, x, t, y):
     del t

@@ -52,6 +52,9 @@ class Family:
   sample_cond: Callable                    # (key, shape) -> conditioning (labels or a pytree)
   evaluator: str                           # one of EVALUATORS
   num_classes: int = 0                     # class-conditional families; 0 for text
+  # (tokens, heads) of one sample's self-attention (0, 0: none); the assembly refuses dense
+  # attention whose [heads, L, L] logits cannot fit a device.
+  attention_shape: tuple[int, int] = (0, 0)
   # teacher_params -> apply of the experts (or a tuple, one per phase); None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Callable | None = None

@@ -9,8 +9,10 @@ so a fresh expert computes exactly the teacher. Targets are regular expressions 
 because the paths are keys of the checkpointed LoRA tree), each with its own
 rank and alpha; leading axes of a kernel (a scanned "layers" axis) get one A, B per slice.
 The LoRA tree ``{path: {"a", "b"}}`` is the only thing the expert's optimizer sees; ``merge``
-rebuilds the full parameters inside the jitted step (cheap for small models; large models
-merge the same way, as XLA fuses the rank-r product into the kernel read).
+rebuilds the full parameters inside the jitted step. For a model that scans its layers, kernels
+matching ``defer`` stay ``Deferred`` (W, A, B) and the model merges each layer inside its scan
+(``materialize`` in the scan body): a merged copy of every layer's kernels is never held at
+once (Wan2.2: 14B parameters per merged expert).
 """
 
 from __future__ import annotations
@@ -70,8 +72,28 @@ def delta(lora_entry, scale: float):
   return scale * jnp.einsum("...ir,...ro->...io", lora_entry["a"], lora_entry["b"])
 
 
-def merge(spec: LoraSpec, params, lora):
-  """The full parameter tree with every adapted kernel replaced by W + (alpha / r) A B."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """A kernel whose LoRA is merged where the model uses it: W + scale A B (per scanned layer)."""
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  scale: float = dataclasses.field(metadata=dict(static=True))
+
+  def merged(self) -> jax.Array:
+    return self.w + delta({"a": self.a, "b": self.b}, self.scale).astype(self.w.dtype)
+
+
+def materialize(tree):
+  """``tree`` with every ``Deferred`` kernel merged (call inside the layer scan's body)."""
+  return jax.tree.map(lambda v: v.merged() if isinstance(v, Deferred) else v, tree,
+                      is_leaf=lambda v: isinstance(v, Deferred))
+
+
+def merge(spec: LoraSpec, params, lora, defer: str | None = None):
+  """The full parameter tree with every adapted kernel replaced by W + (alpha / r) A B; kernels
+  whose path matches ``defer`` become ``Deferred`` (the model merges them per layer)."""
   if not lora:
     return params
   s = scales(spec, lora)
@@ -80,7 +102,10 @@ def merge(spec: LoraSpec, params, lora):
     path = ".".join(map(str, key))
     if path in lora:
       w = flat[key]
-      flat[key] = (w + delta(lora[path], s[path]).astype(w.dtype))
+      if defer is not None and re.fullmatch(defer, path):
+        flat[key] = Deferred(w, lora[path]["a"], lora[path]["b"], s[path])
+      else:
+        flat[key] = (w + delta(lora[path], s[path]).astype(w.dtype))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -91,10 +116,11 @@ def num_params(lora) -> int:
 DIT_TARGETS = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"   # attention and MLP projections
 
 
-def apply_on(apply, spec: LoraSpec, backbone):
-  """apply(lora, x, t, y) of an adapted network: the frozen ``backbone`` with ``lora`` merged in.
+def apply_on(apply, spec: LoraSpec, backbone, defer: str | None = None):
+  """apply(lora, x, t, y) of an adapted network: the frozen ``backbone`` with ``lora`` merged in
+  (kernels matching ``defer``: merged by the model, per layer inside its scan).
 
   The backbone is under stop_gradient: only the LoRA tree is trained.
   """
   backbone = jax.lax.stop_gradient(backbone)
-  return lambda lora, x, t, y: apply(merge(spec, backbone, lora), x, t, y)
+  return lambda lora, x, t, y: apply(merge(spec, backbone, lora, defer), x, t, y)

@@ -37,6 +37,7 @@ from flax import nnx
 
 from pdmd_jax import sharding
 from pdmd_jax.models import attention
+from pdmd_jax.models import lora
 
 F32 = jnp.float32
 _DIFFUSERS_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels",
@@ -356,8 +357,8 @@ class WanTransformer(nnx.Module):
     policy = REMAT_POLICIES[self.config.remat]
 
     def make(graphdef):
-      def body(state, h, ctx, img, e6):
-        return nnx.merge(graphdef, state)(h, ctx, img, e6, rope)
+      def body(state, h, ctx, img, e6):   # LoRA kernels (lora.Deferred) merged per layer here
+        return nnx.merge(graphdef, lora.materialize(state))(h, ctx, img, e6, rope)
       return body if self.config.remat == "none" else jax.checkpoint(body, policy=policy)
 
     if self.config.scan_layers:

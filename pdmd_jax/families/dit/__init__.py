@@ -15,6 +15,7 @@ import os
 from types import MappingProxyType
 
 import jax
+import numpy as np
 
 from pdmd_jax import assets
 from pdmd_jax import families
@@ -78,6 +79,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale),
       teacher_params=params, teacher_axes=axes, apply=net.apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
+      attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
       sample_cond=lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes),
       extras=MappingProxyType({"card": card, "dit_config": cfg}),
       **common.adapters(config, net.apply, params, axes, abstract=abstract))

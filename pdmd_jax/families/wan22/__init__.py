@@ -185,6 +185,13 @@ def expert_of_phases(plan, boundary: float) -> tuple[int, ...]:
   return tuple(out)
 
 
+def tokens(cfg, data) -> int:
+  """Video tokens of one sample: latent (F, h, w) over the patch (480 x 832 x 81: 32,760)."""
+  _, f, h, w = W.latent_shape(cfg.out_channels, data.num_frames, data.height, data.width)
+  pt, ph, pw = cfg.patch_size
+  return (f // pt) * (h // ph) * (w // pw)
+
+
 def teacher_dtype(config):
   """model.teacher_dtype, or "" = the compute dtype (model.dtype)."""
   return jnp.dtype(config.model.get("teacher_dtype") or config.model.dtype)
@@ -287,6 +294,10 @@ def _abstract_cond(config, cfg):
   return sample_cond
 
 
+# LoRA kernels inside the transformer blocks are merged per layer inside the layer scan.
+BLOCKS = r"blocks\..*"
+
+
 def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = None):  # pylint: disable=unused-argument
   """The MoE teacher, per-phase MoE fake pairs and LoRA experts (see the module docstring)."""
   from pdmd_jax.models import wan  # pylint: disable=import-outside-toplevel
@@ -320,7 +331,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
                                           abstract)
     out["expert_axes"] = sh.lora_axes(out["expert_init"], axes)
     out["expert_apply"] = lambda tp: tuple(
-        lora_lib.apply_on(net.apply, spec, tp[e]) for e in owners)
+        lora_lib.apply_on(net.apply, spec, tp[e], BLOCKS) for e in owners)
   spec_f = common.lora_spec(config.fake)
   if spec_f is not None:   # shared backbone: a LoRA pair on the frozen teacher experts
     key = jax.random.PRNGKey(config.seed + 11)
@@ -328,10 +339,12 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
                              for i, e in enumerate(experts))
     out["fake_axes"] = (sh.lora_axes(out["fake_init"][0], axes),) * 2
     out["fake_apply"] = lambda tp: teachers.moe_apply(
-        lora_lib.apply_on(net.apply, spec_f, tp[0]), lora_lib.apply_on(net.apply, spec_f, tp[1]),
+        lora_lib.apply_on(net.apply, spec_f, tp[0], BLOCKS),
+        lora_lib.apply_on(net.apply, spec_f, tp[1], BLOCKS),
         t.boundary, t.route)
   return families.Family(
       name="wan22", teacher=teacher, teacher_params=teacher_params, teacher_axes=(axes, axes),
       apply=moe, sample_shape=W.latent_shape(cfg.out_channels, d.num_frames, d.height, d.width),
+      attention_shape=(tokens(cfg, d), cfg.num_attention_heads),
       sample_cond=sample_cond, evaluator="latent_eval",
       extras=MappingProxyType({"wan_config": cfg, "expert_net": net}), **out)
