@@ -33,6 +33,39 @@ def test_blockwise_equals_dense_values_and_gradients(lq, lk, block):
   chex.assert_trees_all_close(g_block, g_dense, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("lq,lk,block", [(37, 45, 16), (9, 70, 8)])
+def test_key_masks_equal_dense(lq, lk, block):
+  """Ragged text / absent image tokens: a [B, Lk] key mask (row 0 keeps only keys past the
+  first two blocks, so its early blocks are all masked; row 1 a random subset, odd lengths)
+  gives dense attention's values and gradients."""
+  q, k, v = _qkv(lq, lk)
+  mask = jnp.stack([jnp.arange(lk) >= 2 * block,
+                    jax.random.bernoulli(jax.random.PRNGKey(5), 0.6, (lk,)).at[lk - 1].set(True)])
+  loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention.attention(
+      q, k, v, impl=impl, key_mask=mask, block_q=block, block_k=block)))
+  for impl in ("dense", "blockwise"):
+    chex.assert_tree_all_finite(loss(impl)(q, k, v))
+  out = {impl: attention.attention(q, k, v, impl=impl, key_mask=mask, block_q=block,
+                                   block_k=block) for impl in ("dense", "blockwise")}
+  chex.assert_trees_all_close(out["blockwise"], out["dense"], atol=2e-6, rtol=2e-5)
+  # the mask acts: changing a masked key's value changes nothing
+  v2 = v.at[0, 0].add(100.0)
+  chex.assert_trees_all_close(attention.attention(q, k, v2, impl="blockwise", key_mask=mask,
+                                                  block_q=block, block_k=block), out["blockwise"])
+  g = {impl: jax.jit(jax.grad(loss(impl), argnums=(0, 1, 2)))(q, k, v)
+       for impl in ("dense", "blockwise")}
+  chex.assert_trees_all_close(g["blockwise"], g["dense"], atol=2e-5, rtol=2e-4)
+
+
+def test_auto_picks_the_fused_kernel_of_the_backend():
+  assert attention.resolve("auto", "gpu") == "cudnn"
+  assert attention.resolve("auto", "tpu") == "tpu_flash"
+  assert attention.resolve("auto", "cpu") == "blockwise"
+  assert attention.resolve("dense", "tpu") == "dense"
+  with pytest.raises(ValueError, match="allowed"):
+    attention.resolve("flash")
+
+
 def test_bfloat16_inputs_keep_float32_statistics():
   q, k, v = _qkv(40, 40, jnp.bfloat16)
   out = attention.attention(q, k, v, impl="blockwise", block_q=16, block_k=16)
@@ -49,7 +82,7 @@ def test_gradient_memory_is_not_quadratic():
   temp = {}
   for n in (1024, 2048):
     x = jax.ShapeDtypeStruct((1, n, 2, 64), jnp.float32)
-    for impl in attention.IMPLS:
+    for impl in ("dense", "blockwise"):   # the two that run on CPU
       g = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(attention.attention(
           q, k, v, impl=impl)), argnums=(0, 1, 2)))
       temp[impl, n] = g.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
