@@ -54,5 +54,6 @@ def dit_assembly(arch, *, method: str, steps: int, phases: int, lora_rank: int =
   c = dit_family.random_config(arch, f"method={method},steps={steps},phases={phases}", {
       "generator.lora_rank": lora_rank, "generator.lora_alpha": float(lora_rank),
       "fake.lora_rank": fake_lora_rank, "fake.lora_alpha": float(max(fake_lora_rank, 1)),
-      "fake.ttur": ttur, "train.batch_size": batch, "mesh.data": 1})
+      "fake.ttur": ttur, "train.batch_size": batch, "mesh.data": 1,
+      "train.num_steps": 840})   # a multiple of every phase count up to 8
   return assembly.build(c, devices=jax.devices()[:1], abstract=abstract)

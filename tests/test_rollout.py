@@ -184,6 +184,24 @@ class PhaseSampleTest(parameterized.TestCase):
         experts)
     chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, experts))
 
+  def test_frozen_prefix_of_many_phases(self):
+    """k > 1 frozen phases with one network run as one loop over the steps (each gathering its
+    expert from the stacked frozen experts): the hand-written Euler chain, no gradient, and the
+    unrolled per-expert path's values."""
+    plan, apply, experts, z, r, y = self._setup("phased_dmd", 4, 4)
+    g = plan.grid
+    x = z
+    for i in range(3):
+      p = experts[i]                  # phase i's one step is grid step i
+      x = x + (g[i + 1] - g[i]) * (p["b"][i] * x + p["c"][i])
+    x3 = rollout.frozen_prefix(plan, 3, apply, experts, z, y)
+    chex.assert_trees_all_close(x3, x, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(rollout.frozen_prefix(plan, 3, (apply,) * 4, experts, z, y),
+                                x3, rtol=1e-6, atol=1e-7)
+    grads = jax.grad(lambda e: jnp.sum(r * rollout.frozen_prefix(plan, 3, apply, e, z, y)))(
+        experts)
+    chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, experts))
+
 
 if __name__ == "__main__":
   absltest.main()

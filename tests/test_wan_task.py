@@ -418,6 +418,7 @@ def test_frozen_teacher_in_the_compute_dtype():
   assert bool(jnp.all(jnp.isfinite(expert(fam.expert_init, x, t, y))))
 
 
+@pytest.mark.slow
 def test_blockwise_attention_trains_like_dense():
   """configs/wan22.py:tiny, 3 phase steps of the trainer's compiled step (phase 2: both
   experts, fakes and the LoRA expert) with dense and with blockwise attention (blocks of 12
