@@ -104,7 +104,7 @@ generator update, the state donated) for the last phase: DiT "small" (32x32x1), 
 {FLAGS.batch}, LoRA r16 experts, full fake copies with AdamW, CFG 3. peak = arguments +
 outputs - aliased + temporaries. dmd_multistep backpropagates through all N steps, so its
 temporaries grow with N; dmd2_sgts keeps the gradient of one step; phased_dmd's last phase
-runs N - 1 frozen steps without gradient (one loop over the stacked frozen experts,
+runs N - 1 frozen steps without gradient (one loop, each step's expert picked by a switch,
 `rollout.frozen_prefix`; unrolled, they took 168.8 MiB of temporaries at N = 8) and one with
 it, so its temporaries are close to dmd2_sgts's.
 Its state holds only the active phase's expert, fake score and moments, plus the N - 1 finished

@@ -34,20 +34,19 @@ def frozen_prefix(plan: methods.PhasePlan, k: int, apply, experts, z, y):
   """Runs phases 0..k-1 with their experts, no gradient: x at the start of phase k."""
   steps = [(phase.index, t, t_next) for phase in plan.phases[:k]
            for t, t_next in zip(phase.times, phase.times[1:] + (phase.boundary,))]
-  if callable(apply) and k > 1:
-    # One network for every expert: one loop over the frozen steps (expert i's parameters
-    # gathered from the stacked frozen experts), so the compiled step holds one forward pass's
-    # buffers whatever the number of frozen phases; the same arithmetic as the unrolled loop
-    # (t and t' - t rounded to float32 as Python floats would be).
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *(sg(experts[i]) for i in range(k)))
+  if k > 1:
+    # One loop over the frozen steps, the step's expert picked by lax.switch (one branch per
+    # frozen expert; no copy of the experts' parameters), so the compiled step holds one
+    # forward pass's buffers whatever the number of frozen phases; the same arithmetic as the
+    # unrolled loop (t and t' - t rounded to float32 as Python floats would be).
     index = jnp.asarray([i for i, _, _ in steps], jnp.int32)
     times = jnp.asarray([t for _, t, _ in steps], jnp.float32)
     deltas = jnp.asarray([t_next - t for _, t, t_next in steps], jnp.float32)
+    branches = [lambda x, tt, i=i: apply_of(apply, i)(sg(experts[i]), x, tt, y) for i in range(k)]
 
     def body(x, step):
       i, t, dt = step
-      p = jax.tree.map(lambda a: a[i], stacked)
-      return S.euler_step(x, 0.0, dt, apply(p, x, _times(x, t), y)), None
+      return S.euler_step(x, 0.0, dt, jax.lax.switch(i, branches, x, _times(x, t))), None
 
     return sg(jax.lax.scan(body, z, (index, times, deltas))[0])
   x = z

@@ -185,9 +185,8 @@ class PhaseSampleTest(parameterized.TestCase):
     chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, experts))
 
   def test_frozen_prefix_of_many_phases(self):
-    """k > 1 frozen phases with one network run as one loop over the steps (each gathering its
-    expert from the stacked frozen experts): the hand-written Euler chain, no gradient, and the
-    unrolled per-expert path's values."""
+    """k > 1 frozen phases run as one loop over the steps (each step's expert picked by a
+    switch): the hand-written Euler chain, no gradient, the same with one apply per expert."""
     plan, apply, experts, z, r, y = self._setup("phased_dmd", 4, 4)
     g = plan.grid
     x = z
