@@ -150,8 +150,8 @@ def write_table(dataset, results):
             "ms / step: median wall time of one phase step (5 fake + 1 generator update) on 2 CPU "
             "cores, measured in the same process run by run. temp MB: XLA's compiled temporaries "
             "(activations and gradients) of the largest phase step, the memory the paper's claim "
-            "is about; peak MB adds the step's arguments and outputs (all experts, fake scores "
-            "and optimizer states, which grow with the number of phases).\n\n")
+            "is about; peak MB adds the step's arguments and outputs (the active phase's expert, "
+            "fake score and optimizer states, and the finished experts).\n\n")
   with open(os.path.join(_OUT.value, f"gmm_{dataset}.md"), "w") as f:
     f.write(header + gmm_metrics.markdown_table(rows, cols))
   with open(os.path.join(_OUT.value, f"gmm_{dataset}.json"), "w") as f:
