@@ -122,6 +122,7 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       sched=S.get_schedule(config.schedule), sample_shape=tuple(family.sample_shape),
       gen_tx=optimizer(g), fake_tx=optimizer(f), ttur=f.ttur, weighting=g.weighting,
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
+      loss_reduction=g.get("loss_reduction", "sample_sum"), gen_clip=g.grad_clip,
       expert_apply=family.expert_apply, fake_apply=family.fake_apply)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))

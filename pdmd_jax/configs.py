@@ -83,7 +83,11 @@ def optimizer(lr: float, *, grad_clip: float = 0.0, weight_decay: float = 0.0,
 def generator(lr: float, *, weighting: str = "dmd_normalized", **kw):
   """The generator experts' optimizer and DMD-gradient options."""
   return optimizer(lr, weighting=weighting,   # exact w_{t|s} | dmd_normalized (DMD's normaliser)
-                   norm_floor=1e-4, **kw)     # floor of the dmd_normalized normaliser
+                   norm_floor=1e-4,           # floor of the dmd_normalized normaliser
+                   # sample_sum: surrogate summed over a sample's elements, mean over the batch
+                   # (gradient g / B); element_mean: mean over every element as DMD2, LightX2V
+                   # and Self-Forcing (g / (B D)): grad_clip is in those units then.
+                   loss_reduction="sample_sum", **kw)
 
 
 def fake(lr: float, *, ttur: int = 5, **kw):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from pdmd_jax import schedule as S
 
 GENERATOR_WEIGHTINGS = ("exact", "dmd_normalized")
+LOSS_REDUCTIONS = ("sample_sum", "element_mean")
 FAKE_TARGETS = ("eq13", "eq11", "naive")
 
 sg = jax.lax.stop_gradient
@@ -58,9 +59,17 @@ def generator_grad_direction(sched: S.Schedule, x_s, s, t, x_t, v_teacher, v_fak
   raise ValueError(f"generator.weighting={weighting!r} is unknown; allowed: {list(GENERATOR_WEIGHTINGS)}")
 
 
-def generator_loss(x_s, g):
-  """Mean over the batch of the surrogate: d/dx_s = g / B, i.e. the batch-mean gradient."""
-  return surrogate(x_s, sg(g)) / x_s.shape[0]
+def generator_loss(x_s, g, reduction: str = "sample_sum"):
+  """The surrogate reduced over the batch, d/dx_s = g / B ("sample_sum": summed over a sample's
+  D elements, averaged over samples), or g / (B D) ("element_mean": averaged over every
+  element, the reduction of DMD2's, LightX2V's and Self-Forcing's code). The direction is the
+  same; the scale sets what a gradient-norm clip means."""
+  if reduction == "sample_sum":
+    return surrogate(x_s, sg(g)) / x_s.shape[0]
+  if reduction == "element_mean":
+    return surrogate(x_s, sg(g)) / x_s.size
+  raise ValueError(f"generator.loss_reduction={reduction!r} is unknown; allowed: "
+                   f"{list(LOSS_REDUCTIONS)}")
 
 
 def fake_target(sched: S.Schedule, x_s, s, t, eps, target: str = "eq13"):

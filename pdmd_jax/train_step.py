@@ -140,6 +140,8 @@ class StepConfig:
   fake_target: str = "eq13"
   clamp_final_phase: bool = False  # Eq. 13 clamp when s = 0 (see losses.fake_target)
   norm_floor: float = 1e-4
+  loss_reduction: str = "sample_sum"   # losses.generator_loss
+  gen_clip: float = 0.0                # the generator's global-norm clip (for the metric)
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
@@ -213,14 +215,18 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
                                         cfg.weighting, cfg.norm_floor)
     aux = {"dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1))),
            "t_mean": jnp.mean(t), "stop_index": stop}
-    return losses.generator_loss(x_s, g), aux
+    return losses.generator_loss(x_s, g, cfg.loss_reduction), aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.experts[k])
   updates, opt = cfg.gen_tx.update(grads, state.expert_opt[k], state.experts[k])
   params = optax.apply_updates(state.experts[k], updates)
   state = state.replace(experts=_set(state.experts, k, params),
                         expert_opt=_set(state.expert_opt, k, opt))
-  return state, {"gen_surrogate": loss, "gen_grad_norm": optax.global_norm(grads), **aux}
+  norm = optax.global_norm(grads)
+  metrics = {"gen_surrogate": loss, "gen_grad_norm": norm, **aux}
+  if cfg.gen_clip > 0:   # 1 when the clip rescaled this update's gradient
+    metrics["gen_clipped"] = (norm > cfg.gen_clip).astype(jnp.float32)
+  return state, metrics
 
 
 def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch):

@@ -131,6 +131,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   writer = _writer(workdir)
   step = int(jax.device_get(state.step))
   pending: collections.deque = collections.deque()
+  tally = collections.Counter()     # generator updates whose gradient the clip rescaled
   times: list[float] = []
   bar = None
   results = {}
@@ -154,20 +155,20 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       t0 = time.perf_counter()
       state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step))
       pending.append((step, metrics))
-      _drain(pending, writer, config.train.log_every, leave=1)   # read one step late
+      _drain(pending, writer, tally, config.train.log_every, leave=1)   # read one step late
       times.append(time.perf_counter() - t0)
       step += 1
       bar.update(1)
       phase_end = run.plan.order == "progressive" and step % run.steps_per_phase == 0
       if phase_end and step < total:   # the next phase's layout; expert k is written once
-        _drain(pending, writer, config.train.log_every)
+        _drain(pending, writer, tally, config.train.log_every)
         if config.train.keep_finished_fakes:
           ckpt.save_frozen(state.fakes[k], f"fake_{k}")
         state = start_phase[k + 1](state, run.family.fake_init, run.family.expert_init)
         ckpt.save_frozen(state.experts[k], f"expert_{k}")
       saved = step % config.train.ckpt_every == 0 or phase_end or step == end
       if saved:
-        _drain(pending, writer, config.train.log_every)   # never save after a non-finite step
+        _drain(pending, writer, tally, config.train.log_every)   # never save after a non-finite step
         ckpt.save(state, config.to_dict(), {"phase": k})
       if monitor is not None and (step % h.every == 0 or step == end):
         report = monitor(state)
@@ -177,14 +178,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
         bar.set_postfix(diversity=f"{report['diversity_vs_teacher']:.2f}")
         if report["collapsed"]:
           if not saved:
-            _drain(pending, writer, config.train.log_every)
+            _drain(pending, writer, tally, config.train.log_every)
             ckpt.save(state, config.to_dict(), {"phase": k})
           stopped_early = report["collapsed"]
           say(f"Stopped early at step {step}: collapse against the teacher ({stopped_early}).")
           break
       if phase_end and evaluate_phases and step < total:
         results[f"phase_{k + 1}"] = evaluate(run, state, workdir, tag=f"phase{k + 1}", verbose=False)
-    _drain(pending, writer, config.train.log_every)
+    _drain(pending, writer, tally, config.train.log_every)
   finally:
     if bar is not None:
       bar.close()
@@ -197,6 +198,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   final = evaluate(run, state, workdir, tag="final", verbose=verbose)
   final["time_per_step_ms"] = 1000 * float(np.median(times[1:])) if len(times) > 1 else float("nan")
   final["peak_memory_bytes"] = max(m["peak_bytes"] for m in memory.values())
+  if tally["steps"]:
+    final["gen_clipped_fraction"] = tally["clipped"] / tally["steps"]
   final["memory_by_phase"] = memory
   final["phases"] = results
   _write_json(os.path.join(workdir, "metrics.json"), final)
@@ -207,8 +210,10 @@ class NonFiniteError(FloatingPointError):
   """A loss or gradient norm became NaN/Inf."""
 
 
-def _drain(pending: collections.deque, writer, log_every: int, leave: int = 0):
-  """Checks and logs queued metrics (a host transfer) until ``leave`` entries remain."""
+def _drain(pending: collections.deque, writer, tally, log_every: int, leave: int = 0):
+  """Checks and logs queued metrics (a host transfer) until ``leave`` entries remain; ``tally``
+  counts steps and clipped generator updates (train/gen_clipped_fraction: since the start of
+  this process)."""
   while len(pending) > leave:
     step, metrics = pending.popleft()
     host = jax.device_get(metrics)
@@ -216,9 +221,13 @@ def _drain(pending: collections.deque, writer, log_every: int, leave: int = 0):
       if name != "finite" and not np.all(np.isfinite(value)):
         raise NonFiniteError(f"non-finite {name}={value} at step {step} (generator update "
                              f"{step + 1}); the run stopped, the last good checkpoint is kept")
+    tally["steps"] += 1
+    tally["clipped"] += int(host.get("gen_clipped", 0))
     if (step + 1) % log_every == 0:
       for name, value in host.items():
         writer.add_scalar(f"train/{name}", float(value), step + 1)
+      if "gen_clipped" in host:
+        writer.add_scalar("train/gen_clipped_fraction", tally["clipped"] / tally["steps"], step + 1)
 
 
 def _writer(workdir):

@@ -114,6 +114,8 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
     if get(config, f) >= 1:
       fail(f, get(config, f), "a value in [0, 1)")
   choice(config, "generator.weighting", losses.GENERATOR_WEIGHTINGS)
+  if has(config, "generator.loss_reduction"):
+    choice(config, "generator.loss_reduction", losses.LOSS_REDUCTIONS)
   choice(config, "fake.target", losses.FAKE_TARGETS)
   if not isinstance(config.fake.ttur, int) or config.fake.ttur < 1:
     fail("fake.ttur", config.fake.ttur, "an integer >= 1 (fake updates per generator update)")

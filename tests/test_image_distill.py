@@ -170,3 +170,24 @@ def test_tiny_end_to_end_distillation(tiny_teacher, tmp_path):
             "samples_phase1.png"):
     assert os.path.exists(tmp_path / f), f
   assert out["step"] == 4
+  assert 0.0 <= out["gen_clipped_fraction"] <= 1.0   # reported with the final metrics
+
+
+def test_loss_reduction_sets_the_units_of_the_clip(tiny_teacher):
+  """One generator update, same state and key: element_mean's gradient is sample_sum's / D
+  (D = 32 x 32 x 1 elements per sample), and gen_clipped flags exactly the updates whose
+  gradient norm exceeds generator.grad_clip (here set between the two norms)."""
+  out = {}
+  for red in ("sample_sum", "element_mean"):
+    c = _config(tiny_teacher)
+    c.generator.loss_reduction = red
+    c.generator.grad_clip = 1e-2      # norms here: 0.35 (sample_sum), 3.4e-4 (element_mean)
+    run = trainer.build(c, devices=jax.devices()[:1])
+    step = jax.jit(functools.partial(ts.generator_step, run.step_cfg, 1))
+    _, out[red] = step(run.asm.initial_state(1), run.teacher_params, jnp.arange(8) % 10,
+                       jax.random.PRNGKey(1))
+  d = 32 * 32
+  np.testing.assert_allclose(out["element_mean"]["gen_grad_norm"],
+                             out["sample_sum"]["gen_grad_norm"] / d, rtol=1e-4)
+  assert float(out["sample_sum"]["gen_clipped"]) == 1.0
+  assert float(out["element_mean"]["gen_clipped"]) == 0.0

@@ -91,6 +91,31 @@ class SurrogateTest(parameterized.TestCase):
     chex.assert_trees_all_close(gx, g / 4, atol=1e-6)
     chex.assert_trees_all_close(gg, jnp.zeros_like(g))
 
+  def test_element_mean_is_the_released_trainers_loss(self):
+    """element_mean = DMD2's / LightX2V's ``0.5 * F.mse_loss(x, (x - grad).detach())`` (mean
+    over every element), written out here at s = 0 from DMD2's formula: grad = (x0_fake -
+    x0_real) / mean|x - x0_real| per sample; its gradient is grad / (B D), sample_sum's D times
+    that. Same value as the torch expression, same direction either way."""
+    sched = S.flow_matching()
+    b, d = 6, 10
+    x, eps = _rand(2, (b, d)), _rand(3, (b, d))
+    t = jnp.linspace(0.1, 0.9, b)
+    x_t = S.renoise(sched, x, 0.0, t, eps)
+    v_t, v_f = _rand(4, (b, d)), _rand(5, (b, d))
+    x0_real, x0_fake = (x_t - t[:, None] * v for v in (v_t, v_f))   # FM: x0 = x_t - t v
+    grad = (x0_fake - x0_real) / jnp.mean(jnp.abs(x - x0_real), axis=1, keepdims=True)
+    torch_loss = lambda x: 0.5 * jnp.mean((x - jax.lax.stop_gradient(x - grad)) ** 2)
+    g = losses.generator_grad_direction(sched, x, 0.0, t, x_t, v_t, v_f, "dmd_normalized")
+    ours = lambda x, red: losses.generator_loss(x, g, red)
+    self.assertAlmostEqual(float(ours(x, "element_mean")), float(torch_loss(x)), places=5)
+    chex.assert_trees_all_close(jax.grad(ours)(x, "element_mean"), jax.grad(torch_loss)(x),
+                                rtol=1e-4, atol=1e-7)
+    chex.assert_trees_all_close(jax.grad(ours)(x, "element_mean"), grad / (b * d), rtol=1e-4,
+                                atol=1e-7)
+    chex.assert_trees_all_close(jax.grad(ours)(x, "sample_sum"), grad / b, rtol=1e-4, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "loss_reduction"):
+      losses.generator_loss(x, g, "sum")
+
 
 class GeneratorDirectionTest(parameterized.TestCase):
   """losses.generator_grad_direction: 'exact' is w_{t|s}(v_T − v_F); 'dmd_normalized' is parallel."""
