@@ -72,7 +72,8 @@ class Assembly:
   def initial_state(self, k: int = 0) -> ts.TrainState:
     """The state in phase k's layout with every tree at its start (k = 0: a run's start)."""
     make = lambda p, e: ts.create_state(self.rng, p, self.plan.num_phases, self.step_cfg.gen_tx,
-                                        self.step_cfg.fake_tx, e, self.layouts[k])
+                                        self.step_cfg.fake_tx, e, self.layouts[k],
+                                        self.step_cfg.ema_decay > 0)
     return jax.jit(make, out_shardings=self.state_shardings[k])(self.family.fake_init,
                                                                 self.family.expert_init)
 
@@ -80,7 +81,9 @@ class Assembly:
     """Jitted (state in phase k-1's layout) -> state in phase k's layout, per k (progressive
     order; the old state is donated, so the dropped fake and moments are freed)."""
     cfg, fam = self.step_cfg, self.family
-    return {k: jax.jit(lambda st, p, e, k=k: ts.start_phase(st, k, p, cfg.gen_tx, cfg.fake_tx, e),
+    ema = cfg.ema_decay > 0
+    return {k: jax.jit(lambda st, p, e, k=k: ts.start_phase(st, k, p, cfg.gen_tx, cfg.fake_tx, e,
+                                                            ema),
                        in_shardings=(self.state_shardings[k - 1], None, None),
                        out_shardings=self.state_shardings[k], donate_argnums=(0,))
             for k in range(1, self.plan.num_phases) if self.plan.order == "progressive"}
@@ -123,6 +126,7 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       gen_tx=optimizer(g), fake_tx=optimizer(f), ttur=f.ttur, weighting=g.weighting,
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       loss_reduction=g.get("loss_reduction", "sample_sum"), gen_clip=g.grad_clip,
+      ema_decay=g.get("ema_decay", 0.0), ema_start=g.get("ema_start", 0),
       expert_apply=family.expert_apply, fake_apply=family.fake_apply)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))
@@ -130,7 +134,8 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
   for lay in layouts:
     tree = jax.eval_shape(
         lambda r, p, e, lay=lay: ts.create_state(r, p, plan.num_phases, step_cfg.gen_tx,
-                                                 step_cfg.fake_tx, e, lay),
+                                                 step_cfg.fake_tx, e, lay,
+                                                 step_cfg.ema_decay > 0),
         rng, family.fake_init, family.expert_init)
     abstract.append(tree)
     if family.fake_axes is None:      # unannotated trees: the FSDP tactic

@@ -2,9 +2,10 @@
 
 A step directory holds ``meta`` (JSON: step, rng, the live phases), ``config`` (JSON) and, for
 every live phase k of the state's layout (``train_step.layout``), ``expert_<k>``,
-``expert_opt_<k>``, ``fake_<k>``, ``fake_opt_<k>``. A finished (frozen) expert is written once,
-when its phase ends, to ``<workdir>/checkpoints_frozen/expert_<k>`` and read from there by
-every later restore: a save writes only the trees that change. The teacher is never saved.
+``expert_opt_<k>``, ``fake_<k>``, ``fake_opt_<k>`` (and ``ema_<k>`` when the generator EMA is
+on). A finished (frozen) expert (and its EMA) is written once, when its phase ends, to
+``<workdir>/checkpoints_frozen/expert_<k>`` (``ema_<k>``) and read from there by every later
+restore: a save writes only the trees that change. The teacher is never saved.
 
 Orbax writes into a temporary directory and renames it on commit, so a save killed mid-write
 leaves a ``*.orbax-checkpoint-tmp-*`` directory that ``latest_step`` ignores: a half-written
@@ -36,8 +37,11 @@ def _frozen_phases(state: ts.TrainState) -> list[int]:
 
 
 def _trees(state: ts.TrainState, k: int) -> dict:
-  return dict(zip(_LIVE, (state.experts[k], state.expert_opt[k], state.fakes[k],
-                          state.fake_opt[k])))
+  out = dict(zip(_LIVE, (state.experts[k], state.expert_opt[k], state.fakes[k],
+                         state.fake_opt[k])))
+  if state.ema[k] is not None:
+    out["ema"] = state.ema[k]
+  return out
 
 
 class Checkpointer:
@@ -89,21 +93,27 @@ class Checkpointer:
     r = self.manager.restore(step, args=ocp.args.Composite(**args))
     experts, expert_opt = list(abstract_state.experts), list(abstract_state.expert_opt)
     fakes, fake_opt = list(abstract_state.fakes), list(abstract_state.fake_opt)
+    ema = list(abstract_state.ema)
     for k in live:
       experts[k], expert_opt[k] = r[f"expert_{k}"], r[f"expert_opt_{k}"]
       fakes[k], fake_opt[k] = r[f"fake_{k}"], r[f"fake_opt_{k}"]
+      if ema[k] is not None:
+        ema[k] = r[f"ema_{k}"]
     with ocp.StandardCheckpointer() as ckptr:
       for k in _frozen_phases(abstract_state):
-        path = os.path.join(self.frozen_directory, f"expert_{k}")
-        if not os.path.isdir(path):
-          raise FileNotFoundError(f"frozen expert of phase {k + 1} missing at {path} (the "
-                                  f"checkpoint at step {step} needs it)")
-        experts[k] = ckptr.restore(path, abstract_state.experts[k])
+        for name, trees in (("expert", experts), ("ema", ema)):
+          if trees[k] is None:
+            continue
+          path = os.path.join(self.frozen_directory, f"{name}_{k}")
+          if not os.path.isdir(path):
+            raise FileNotFoundError(f"frozen {name} of phase {k + 1} missing at {path} (the "
+                                    f"checkpoint at step {step} needs it)")
+          trees[k] = ckptr.restore(path, trees[k])
     state = ts.TrainState(step=_put(jnp.asarray(meta["step"], jnp.int32), abstract_state.step),
                           rng=_put(jnp.asarray(np.asarray(meta["rng"], np.uint32)),
                                    abstract_state.rng),
                           experts=tuple(experts), expert_opt=tuple(expert_opt),
-                          fakes=tuple(fakes), fake_opt=tuple(fake_opt))
+                          fakes=tuple(fakes), fake_opt=tuple(fake_opt), ema=tuple(ema))
     return state, meta
 
   def wait(self):

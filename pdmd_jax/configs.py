@@ -87,7 +87,10 @@ def generator(lr: float, *, weighting: str = "dmd_normalized", **kw):
                    # sample_sum: surrogate summed over a sample's elements, mean over the batch
                    # (gradient g / B); element_mean: mean over every element as DMD2, LightX2V
                    # and Self-Forcing (g / (B D)): grad_clip is in those units then.
-                   loss_reduction="sample_sum", **kw)
+                   loss_reduction="sample_sum",
+                   # EMA of each expert (DMD2, FastGen): decay 0 = off; the average follows the
+                   # weights for an expert's first ema_start updates. Samplers use it (eval.ema).
+                   ema_decay=0.0, ema_start=0, **kw)
 
 
 def fake(lr: float, *, ttur: int = 5, **kw):
@@ -158,6 +161,7 @@ def evaluation(num_samples: int, teacher_substeps: int, seed: int = 1234, **extr
   c.num_samples = num_samples              # samples of the metrics table
   c.teacher_substeps = teacher_substeps    # Euler sub-steps per grid interval (teacher reference)
   c.seed = seed
+  c.ema = True                             # sample with the experts' EMA when generator.ema_decay > 0
   for k, v in extra.items():
     c[k] = v
   return c

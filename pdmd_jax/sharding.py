@@ -225,8 +225,10 @@ def train_state_shardings(mesh, state, tx_of, param_axes, expert_axes=None,
       tx, params, s, mesh)
   experts = tuple(shard(e, expert_axes) for e in state.experts)
   fakes = tuple(shard(f, param_axes) for f in state.fakes)
+  ema = tuple(None if e is None else {"params": shard(e["params"], expert_axes), "count": rep}
+              for e in state.ema)
   return state.replace(
-      step=rep, rng=rep, experts=experts, fakes=fakes,
+      step=rep, rng=rep, experts=experts, fakes=fakes, ema=ema,
       expert_opt=tuple(opt(gen_tx, o, e, s)
                        for o, e, s in zip(state.expert_opt, state.experts, experts)),
       fake_opt=tuple(opt(fake_tx, o, f, s) for o, f, s in zip(state.fake_opt, state.fakes, fakes)))

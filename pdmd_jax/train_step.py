@@ -36,6 +36,9 @@ class TrainState:
   fakes / fake_opt: one fake score per phase (initialised from the teacher or its fit): a
     full parameter copy, or a LoRA tree on the frozen teacher (shared-backbone mode).
 
+  ema: an exponential moving average of each held expert, {"params", "count"} (count = that
+    expert's updates so far), fp32; all None when generator.ema_decay = 0 (off).
+
   Each tuple has one entry per phase; an entry is ``None`` where the layout (``layout``) holds
   nothing: in the progressive order, while phase k trains, experts 0..k-1 are frozen
   parameters (no moments), expert k and fake k are the only trainable trees, and phases after
@@ -47,6 +50,7 @@ class TrainState:
   expert_opt: tuple[Any, ...]
   fakes: tuple[Any, ...]
   fake_opt: tuple[Any, ...]
+  ema: tuple[Any, ...]
 
 
 def make_optimizer(lr: float, b1: float, b2: float, weight_decay: float = 0.0,
@@ -80,14 +84,30 @@ def _copy(tree):
   return jax.tree.map(jnp.array, tree)
 
 
+def _ema_init(expert):
+  return {"params": jax.tree.map(lambda a: jnp.array(a, jnp.float32), expert),
+          "count": jnp.zeros((), jnp.int32)}
+
+
+def ema_update(ema, params, decay: float, start: int):
+  """One EMA step after an update of its expert: the average follows the weights exactly for
+  the expert's first ``start`` updates, then avg <- decay avg + (1 - decay) params."""
+  follow = ema["count"] < start
+  new = jax.tree.map(lambda m, p: jnp.where(follow, p.astype(jnp.float32),
+                                            decay * m + (1.0 - decay) * p.astype(jnp.float32)),
+                     ema["params"], params)
+  return {"params": new, "count": ema["count"] + 1}
+
+
 def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx, expert_init=None,
-                 lay: Layout | None = None) -> TrainState:
+                 lay: Layout | None = None, ema: bool = False) -> TrainState:
   """A state in layout ``lay`` (default: every phase live) with every tree at its start.
 
   Fake scores start as a copy of ``init_params`` (the teacher or its fit, or a LoRA tree with
   B = 0 in shared-backbone mode); experts as a copy of ``expert_init`` (default
   ``init_params``: full-copy experts; a LoRA tree with B = 0 for LoRA experts on the frozen
-  teacher). rng: the run's base key (uint32[2]) or an int seed.
+  teacher). rng: the run's base key (uint32[2]) or an int seed. ema: hold an EMA of every
+  held expert (starting at its initial tree).
   """
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
@@ -100,11 +120,12 @@ def create_state(rng, init_params, num_phases: int, gen_tx, fake_tx, expert_init
   return TrainState(
       step=jnp.zeros((), jnp.int32), rng=rng, experts=experts,
       expert_opt=tuple(gen_tx.init(e) if j in live else None for j, e in enumerate(experts)),
-      fakes=fakes, fake_opt=tuple(None if f is None else fake_tx.init(f) for f in fakes))
+      fakes=fakes, fake_opt=tuple(None if f is None else fake_tx.init(f) for f in fakes),
+      ema=tuple(_ema_init(e) if ema and e is not None else None for e in experts))
 
 
 def start_phase(state: TrainState, k: int, init_params, gen_tx, fake_tx,
-                expert_init=None) -> TrainState:
+                expert_init=None, ema: bool = False) -> TrainState:
   """Progressive order, phase k > 0 begins: expert k-1 is frozen (its moments dropped), fake
   k-1 and its moments are dropped, and phase k's expert and fake start from their initial
   trees (the fake from the teacher, as the paper re-initialises it at each phase)."""
@@ -116,7 +137,14 @@ def start_phase(state: TrainState, k: int, init_params, gen_tx, fake_tx,
   return state.replace(experts=new(state.experts, expert),
                        expert_opt=new(drop(state.expert_opt), gen_tx.init(expert)),
                        fakes=new(drop(state.fakes), fake),
-                       fake_opt=new(drop(state.fake_opt), fake_tx.init(fake)))
+                       fake_opt=new(drop(state.fake_opt), fake_tx.init(fake)),
+                       ema=new(state.ema, _ema_init(expert)) if ema else state.ema)
+
+
+def eval_experts(state: TrainState, use_ema: bool = True):
+  """The experts a sampler runs: the EMA weights where held (and ``use_ema``), else the raw."""
+  return tuple(e["params"] if use_ema and e is not None else p
+               for e, p in zip(state.ema, state.experts))
 
 
 def fill_experts(experts, expert_init):
@@ -142,6 +170,8 @@ class StepConfig:
   norm_floor: float = 1e-4
   loss_reduction: str = "sample_sum"   # losses.generator_loss
   gen_clip: float = 0.0                # the generator's global-norm clip (for the metric)
+  ema_decay: float = 0.0               # EMA of the generator experts (0: off)
+  ema_start: int = 0                   # expert updates before the EMA starts averaging
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
@@ -222,6 +252,9 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   params = optax.apply_updates(state.experts[k], updates)
   state = state.replace(experts=_set(state.experts, k, params),
                         expert_opt=_set(state.expert_opt, k, opt))
+  if cfg.ema_decay > 0:
+    state = state.replace(ema=_set(state.ema, k, ema_update(state.ema[k], params, cfg.ema_decay,
+                                                            cfg.ema_start)))
   norm = optax.global_norm(grads)
   metrics = {"gen_surrogate": loss, "gen_grad_norm": norm, **aux}
   if cfg.gen_clip > 0:   # 1 when the clip rescaled this update's gradient

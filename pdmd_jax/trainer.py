@@ -61,8 +61,10 @@ class Run:
     return self.asm.phase_of(step)
 
   def experts(self, state):
-    """Every phase's expert of ``state``; phases not yet trained at their initial tree."""
-    return ts.fill_experts(state.experts, self.family.expert_init)
+    """Every phase's expert of ``state`` as samplers run it (the EMA weights when
+    generator.ema_decay > 0 and eval.ema); phases not yet trained at their initial tree."""
+    use_ema = self.config.eval.get("ema", True)
+    return ts.fill_experts(ts.eval_experts(state, use_ema), self.family.expert_init)
 
   def experts_apply(self):
     """Apply function(s) of the generator experts (LoRA experts read the teacher's backbone)."""
@@ -166,6 +168,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
           ckpt.save_frozen(state.fakes[k], f"fake_{k}")
         state = start_phase[k + 1](state, run.family.fake_init, run.family.expert_init)
         ckpt.save_frozen(state.experts[k], f"expert_{k}")
+        if state.ema[k] is not None:
+          ckpt.save_frozen(state.ema[k], f"ema_{k}")
       saved = step % config.train.ckpt_every == 0 or phase_end or step == end
       if saved:
         _drain(pending, writer, tally, config.train.log_every)   # never save after a non-finite step

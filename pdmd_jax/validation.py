@@ -116,6 +116,10 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
   choice(config, "generator.weighting", losses.GENERATOR_WEIGHTINGS)
   if has(config, "generator.loss_reduction"):
     choice(config, "generator.loss_reduction", losses.LOSS_REDUCTIONS)
+  if has(config, "generator.ema_decay"):
+    if not 0.0 <= config.generator.ema_decay < 1.0:
+      fail("generator.ema_decay", config.generator.ema_decay, "0 (off) or a value in (0, 1)")
+    positive(config, "generator.ema_start", integer=True, minimum=0)
   choice(config, "fake.target", losses.FAKE_TARGETS)
   if not isinstance(config.fake.ttur, int) or config.fake.ttur < 1:
     fail("fake.ttur", config.fake.ttur, "an integer >= 1 (fake updates per generator update)")

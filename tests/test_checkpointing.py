@@ -35,13 +35,15 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   in the wrong layout, and a phase start that differs from the uninterrupted run's.
   """
   config = _config(gmm_config)
+  config.generator.ema_decay, config.generator.ema_start = 0.5, 1   # the EMA is state too
   dev = jax.devices()[:1]
   a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
   keep = config.copy_and_resolve_references()
   keep.train.keep_finished_fakes = True      # the dropped fake is written for analysis
   trainer.train_and_evaluate(keep, a, devices=dev, final_eval=False, evaluate_phases=False,
                              verbose=False)
-  assert sorted(os.listdir(os.path.join(a, "checkpoints_frozen"))) == ["expert_0", "fake_0"]
+  assert sorted(os.listdir(os.path.join(a, "checkpoints_frozen"))) == ["ema_0", "expert_0",
+                                                                       "fake_0"]
   for stop in (4, 5):
     out = trainer.train_and_evaluate(config, b, devices=dev, stop_at_step=stop, final_eval=False,
                                      evaluate_phases=False, verbose=False)
@@ -51,8 +53,10 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   # is frozen and written once, outside the step directories).
   items = lambda s: sorted(n for n in os.listdir(os.path.join(b, "checkpoints", str(s)))
                            if os.path.isdir(os.path.join(b, "checkpoints", str(s), n)))
-  assert items(2) == ["config", "expert_0", "expert_opt_0", "fake_0", "fake_opt_0", "meta"]
-  assert items(4) == ["config", "expert_1", "expert_opt_1", "fake_1", "fake_opt_1", "meta"]
+  assert items(2) == ["config", "ema_0", "expert_0", "expert_opt_0", "fake_0", "fake_opt_0",
+                      "meta"]
+  assert items(4) == ["config", "ema_1", "expert_1", "expert_opt_1", "fake_1", "fake_opt_1",
+                      "meta"]
   frozen = os.path.join(b, "checkpoints_frozen", "expert_0")
   written = os.stat(frozen).st_mtime_ns
   trainer.train_and_evaluate(config, b, devices=dev, final_eval=False, evaluate_phases=False,
@@ -71,7 +75,7 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   # A save killed mid-write leaves orbax's temporary directory: it must be ignored.
   ckdir = os.path.join(b, "checkpoints")
   shutil.copytree(os.path.join(ckdir, "8"), os.path.join(ckdir, "10.orbax-checkpoint-tmp-1"))
-  for item in ("expert_1", "fake_1"):
+  for item in ("expert_1", "fake_1", "ema_1"):
     shutil.rmtree(os.path.join(ckdir, "10.orbax-checkpoint-tmp-1", item))
   _, sc = trainer.restore_latest(config, b, dev)
   assert int(sc.step) == 8

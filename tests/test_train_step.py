@@ -1,5 +1,6 @@
 """Phase step: compiles once, updates only phase k's expert and fake, shards like one device."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,36 @@ def test_phase_order(gmm_config, order, expected):
   config.phase_order = order
   run = trainer.build(config, None, devices=jax.devices()[:1])
   assert [run.phase_of(s) for s in range(8)] == expected
+
+
+def test_ema_closed_form_and_what_samplers_use(gmm_config):
+  """ema_update over n updates with start s and decay d: the average equals the weights after
+  update s, then avg_n = d^(n-s) p_s + (1 - d) sum_{j=s+1..n} d^(n-j) p_j. Samplers run the EMA
+  when generator.ema_decay > 0 and eval.ema, the raw weights otherwise."""
+  d, s = 0.9, 2
+  ps = [jnp.full((3,), float(j * j)) for j in range(1, 7)]       # weights after updates 1..6
+  ema = {"params": jnp.zeros((3,)), "count": jnp.zeros((), jnp.int32)}
+  for p in ps:
+    ema = ts.ema_update(ema, p, d, s)
+  n = len(ps)
+  want = d ** (n - s) * ps[s - 1] + (1 - d) * sum(d ** (n - j) * ps[j - 1]
+                                                   for j in range(s + 1, n + 1))
+  np.testing.assert_allclose(ema["params"], want, rtol=1e-6)
+  assert int(ema["count"]) == n
+
+  config = gmm_config("runlocal")
+  config.init_fit.steps = 1
+  config.generator.ema_decay = 0.5
+  run = trainer.build(config, None, devices=jax.devices()[:1])
+  state = trainer.initial_state(run)
+  new, _ = run.asm.jit_step(0)(state, run.teacher_params, trainer.batch_for_step(run, 0))
+  raw, avg = new.experts[0], new.ema[0]["params"]
+  # one update from the initial tree e0: avg = 0.5 e0 + 0.5 raw (start 0)
+  e0 = run.family.expert_init
+  chex.assert_trees_all_close(avg, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, e0, raw),
+                              rtol=1e-6, atol=1e-7)
+  assert not _equal(avg, raw)
+  chex.assert_trees_all_equal(run.experts(new)[0], avg)
+  config.eval.ema = False
+  chex.assert_trees_all_equal(trainer.build(config, None, devices=jax.devices()[:1])
+                              .experts(new)[0], raw)
