@@ -24,3 +24,4 @@ def gmm_config():
   """The tiny (runlocal) Gaussian-mixture config; tests adjust leaves."""
   from pdmd_jax import configs  # pylint: disable=import-outside-toplevel
   return lambda arg=None: configs.load("configs/gmm.py" + (f":{arg}" if arg else ""))
+

@@ -33,7 +33,7 @@ def test_blockwise_equals_dense_values_and_gradients(lq, lk, block):
   chex.assert_trees_all_close(g_block, g_dense, atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("lq,lk,block", [(37, 45, 16), (9, 70, 8)])
+@pytest.mark.parametrize("lq,lk,block", [(9, 70, 8)])
 def test_key_masks_equal_dense(lq, lk, block):
   """Ragged text / absent image tokens: a [B, Lk] key mask (row 0 keeps only keys past the
   first two blocks, so its early blocks are all masked; row 1 a random subset, odd lengths)

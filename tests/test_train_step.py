@@ -11,6 +11,14 @@ from pdmd_jax import trainer
 from pdmd_jax import train_step as ts
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """XLA's CPU compiles dominate this file; the compared runs compile the same way."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
 def _run(gmm_config, variant, devices=None, mesh=(-1, 1)):
   config = gmm_config(variant)
   config.init_fit.steps = 20
@@ -29,9 +37,8 @@ def test_phase_step_updates_only_its_phase_and_never_retraces(gmm_config):
   fam = run.family
   state0 = trainer.initial_state(run)
   assert state0.experts[1] is None and state0.fakes[1] is None and state0.fake_opt[1] is None
-  state0, _ = ts.jit_phase_step(run.step_cfg, 0)(state0, run.teacher_params,
-                                                  trainer.batch_for_step(run, 0))
-  trained0 = jax.device_get(state0.experts[0])
+  state0 = state0.replace(experts=(jax.tree.map(lambda a: a + 1.0, state0.experts[0]), None))
+  trained0 = jax.device_get(state0.experts[0])     # stands for phase 1's trained expert
   state1 = run.asm.start_phase()[1](state0, fam.fake_init, fam.expert_init)
   assert state1.expert_opt[0] is None and state1.fakes[0] is None and state1.fake_opt[0] is None
   assert _equal(state1.experts[0], trained0)                     # the finished expert, frozen
@@ -43,7 +50,7 @@ def test_phase_step_updates_only_its_phase_and_never_retraces(gmm_config):
   for step in range(3):
     state, metrics = fn(state, run.teacher_params, trainer.batch_for_step(run, step))
   assert fn._cache_size() == 1            # one trace and compile for all steps
-  assert int(state.step) == 4 and bool(metrics["finite"])
+  assert int(state.step) == 3 and bool(metrics["finite"])
   assert _equal(state.experts[0], keep.experts[0])
   assert not _equal(state.experts[1], keep.experts[1])
   assert not _equal(state.fakes[1], keep.fakes[1])
@@ -136,6 +143,5 @@ def test_ema_closed_form_and_what_samplers_use(gmm_config):
                               rtol=1e-6, atol=1e-7)
   assert not _equal(avg, raw)
   chex.assert_trees_all_equal(run.experts(new)[0], avg)
-  config.eval.ema = False
-  chex.assert_trees_all_equal(trainer.build(config, None, devices=jax.devices()[:1])
-                              .experts(new)[0], raw)
+  run.config.eval.ema = False                     # read when sampling
+  chex.assert_trees_all_equal(run.experts(new)[0], raw)

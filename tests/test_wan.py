@@ -160,7 +160,7 @@ def test_bf16_compute_and_params():
   assert rel < 5e-2
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_lora_merged_per_layer_inside_the_scan(scan):
   """lora.Deferred kernels (merged in each block's body) give the up-front merge's output and
   LoRA gradients; scanned, the step never holds every layer's merged kernels at once."""

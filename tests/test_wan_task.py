@@ -314,9 +314,13 @@ def test_inputs_checked_against_the_weights_before_loading(tmp_path):
     validation.validate(c)
 
 
-def _main(workdir, config_arg, *extra, cache=None):
+def _main(workdir, config_arg, *extra, cache=None, fast_compiles=False):
+  """main.py in a subprocess; fast_compiles: XLA without most optimisations (compile-bound
+  tiny runs; the train and sample processes compile the same way)."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
          "PDMD_JAX_CACHE": cache or os.path.join(os.path.dirname(workdir), "xla")}
+  if fast_compiles:
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
                          "--config=" + os.path.join(ROOT, "configs", "wan22.py") + config_arg,
                          f"--workdir={workdir}", *extra],
@@ -340,7 +344,7 @@ def test_main_without_weights_stops_with_the_message(tmp_path):
 # issue asks that CI runs main.py --config=configs/wan22.py:tiny end to end.
 def test_tiny_end_to_end(tmp_path):
   w = str(tmp_path / "run")
-  r = _main(w, ":tiny")
+  r = _main(w, ":tiny", fast_compiles=True)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "phase 2/2" in r.stderr
   assert "| mse_to_teacher |" in r.stdout
@@ -350,7 +354,7 @@ def test_tiny_end_to_end(tmp_path):
   assert lat["student"].shape == (2, 4, 2, 8, 8) and np.all(np.isfinite(lat["student"]))
   assert lat["trajectory"].shape == (5, 2, 4, 2, 8, 8)
   assert os.path.isdir(os.path.join(w, "checkpoints", "2"))
-  r = _main(w, ":tiny", "--mode=sample")
+  r = _main(w, ":tiny", "--mode=sample", fast_compiles=True)
   assert r.returncode == 0, r.stderr[-3000:]
   s = np.load(os.path.join(w, "samples_step2.npz"))
   assert s["samples"].shape == (2, 4, 2, 8, 8) and s["labels"].shape == (2,)
