@@ -80,8 +80,7 @@ class Assembly:
   def start_phase(self):
     """Jitted (state in phase k-1's layout) -> state in phase k's layout, per k (progressive
     order; the old state is donated, so the dropped fake and moments are freed)."""
-    cfg, fam = self.step_cfg, self.family
-    ema = cfg.ema_decay > 0
+    cfg, ema = self.step_cfg, self.step_cfg.ema_decay > 0
     return {k: jax.jit(lambda st, p, e, k=k: ts.start_phase(st, k, p, cfg.gen_tx, cfg.fake_tx, e,
                                                             ema),
                        in_shardings=(self.state_shardings[k - 1], None, None),
