@@ -51,6 +51,7 @@ def get_config(arg=None):
   # 0.02) caps the last phase's weight w_t = (1-t)^2/t at ~18: without it, rare t near 0 turn
   # the fake score's small error into gradient spikes that stall Adam (std ratio 1.59 -> 0.81,
   # see docs/results/gmm_ring.md).
+  c.anchor = blocks.anchor()                      # the ODE anchor term (off)
   c.t_sampler = blocks.t_sampler(0.05, 1.0)
   c.train = blocks.train(64 if a.runlocal else 256, 8 if a.runlocal else 2000,
                          log_every=4 if a.runlocal else 50, ckpt_every=4 if a.runlocal else 500,

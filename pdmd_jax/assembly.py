@@ -22,6 +22,7 @@ import optax
 
 from pdmd_jax import families
 from pdmd_jax import methods
+from pdmd_jax import sampling
 from pdmd_jax import schedule as S
 from pdmd_jax import sharding as sh
 from pdmd_jax import train_step as ts
@@ -116,6 +117,21 @@ class Assembly:
       return self.jit_step(k).lower(state, teacher_params, batch)
 
 
+def anchor(config, plan: methods.PhasePlan, family: families.Family) -> ts.Anchor | None:
+  """config.anchor as the step's ODE-anchor term (None when absent or weight 0). The teacher's
+  ODE runs ``teacher_steps`` Euler steps from the anchored step's time to the phase boundary,
+  uniform in unshifted u (as the teacher's reference sampler)."""
+  a = config.get("anchor")
+  if a is None or a.weight == 0:
+    return None
+  phase = plan.phases[a.phase]
+  features = family.features if a.distance == "features" else None   # validated: present
+  times, _ = sampling.fine_grid((phase.times[a.step], phase.boundary), a.teacher_steps,
+                                config.shift)
+  return ts.Anchor(weight=float(a.weight), phase=a.phase, step=a.step,
+                   times=tuple(float(t) for t in times), features=features)
+
+
 def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> Assembly:
   """The step config and every sharding of the run (nothing is allocated here)."""
   g, f = config.generator, config.fake
@@ -126,6 +142,7 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       loss_reduction=g.get("loss_reduction", "sample_sum"), gen_clip=g.grad_clip,
       ema_decay=g.get("ema_decay", 0.0), ema_start=g.get("ema_start", 0),
+      anchor=anchor(config, plan, family),
       expert_apply=family.expert_apply, fake_apply=family.fake_apply)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))

@@ -100,6 +100,19 @@ def fake(lr: float, *, ttur: int = 5, **kw):
                    ttur=ttur, **kw)           # fake updates per generator update (TTUR)
 
 
+def anchor(weight: float = 0.0, *, teacher_steps: int = 16):
+  """The ODE anchor (DMD's regression loss, LightX2V's phased "diversity" term): the update of
+  phase ``phase`` always stops at ``step`` and pulls that step's jump to the boundary toward
+  the teacher's ODE solution from the same input (phase 0, step 0: the same noise)."""
+  c = ml_collections.ConfigDict()
+  c.weight = weight                        # 0 = off; relative to the DMD term, same reduction
+  c.teacher_steps = teacher_steps          # teacher Euler steps (uniform in unshifted u)
+  c.phase = 0                              # the phase it applies to (0 = the first)
+  c.step = 0                               # its step within that phase (the fixed stop step)
+  c.distance = "mse"                       # mse | features (the family's map, e.g. digit classifier)
+  return c
+
+
 def lora(c, *, rank: int, alpha: float, targets: str):
   """LoRA fields on a generator/fake block: rank 0 = full-parameter copies."""
   c.lora_rank = rank

@@ -15,6 +15,7 @@ from pdmd_jax import schedule as S
 GENERATOR_WEIGHTINGS = ("exact", "dmd_normalized")
 LOSS_REDUCTIONS = ("sample_sum", "element_mean")
 FAKE_TARGETS = ("eq13", "eq11", "naive")
+ANCHOR_DISTANCES = ("mse", "features")
 
 sg = jax.lax.stop_gradient
 
@@ -68,6 +69,24 @@ def generator_loss(x_s, g, reduction: str = "sample_sum"):
     return surrogate(x_s, sg(g)) / x_s.shape[0]
   if reduction == "element_mean":
     return surrogate(x_s, sg(g)) / x_s.size
+  raise ValueError(f"generator.loss_reduction={reduction!r} is unknown; allowed: "
+                   f"{list(LOSS_REDUCTIONS)}")
+
+
+def anchor_loss(x, target, reduction: str = "sample_sum", features=None):
+  """The ODE anchor (DMD's regression loss, LightX2V's diversity term): squared distance of the
+  generator's output x to the teacher's ODE solution from the same input, no gradient into
+  the target. Reduced as the DMD surrogate (``generator_loss``), so the anchor's weight is
+  relative to the DMD term in the same units: summed over a sample's elements (or features)
+  and averaged over the batch, or averaged over every element. ``features``: a map applied
+  to both sides first (e.g. a classifier's features), None = pixels/latents."""
+  if features is not None:
+    x, target = features(x), features(target)
+  d2 = (x - sg(target))**2
+  if reduction == "sample_sum":
+    return jnp.sum(d2) / x.shape[0]
+  if reduction == "element_mean":
+    return jnp.mean(d2)
   raise ValueError(f"generator.loss_reduction={reduction!r} is unknown; allowed: "
                    f"{list(LOSS_REDUCTIONS)}")
 

@@ -65,8 +65,14 @@ def phase_steps(phase: methods.Phase, apply, params, x, y, key):
     for t, t_next in zip(phase.times, nxt):
       x = S.euler_step(x, t, t_next, apply(params, x, _times(x, t), y))
     return x, jnp.int32(-1 if phase.num_steps > 1 else 0)
-  times = jnp.asarray(phase.times + (phase.boundary,), jnp.float32)
   j = jax.random.randint(key, (), 0, phase.num_steps)
+  return jump_at(phase, apply, params, x, y, j)[0], j
+
+
+def jump_at(phase: methods.Phase, apply, params, x, y, j):
+  """Steps 0..j-1 of the phase without gradient, then step j Euler-jumps straight to the
+  boundary with the only gradient. Returns (x_s, the state at t_j the jump starts from)."""
+  times = jnp.asarray(phase.times + (phase.boundary,), jnp.float32)
   frozen = sg(params)
 
   def body(i, x):
@@ -76,10 +82,19 @@ def phase_steps(phase: methods.Phase, apply, params, x, y, key):
   x = sg(jax.lax.fori_loop(0, j, body, sg(x)))
   t_j = times[j]
   v = apply(params, x, _times(x, t_j), y)
-  return S.euler_step(x, t_j, phase.boundary, v), j
+  return S.euler_step(x, t_j, phase.boundary, v), x
 
 
 def phase_sample(plan: methods.PhasePlan, k: int, apply, experts, active_params, z, y, key):
   """x_s = pipeline_k(z): frozen experts 0..k-1 then expert k (with ``active_params``)."""
   x = frozen_prefix(plan, k, apply, experts, z, y)
   return phase_steps(plan.phases[k], apply_of(apply, k), active_params, x, y, key)
+
+
+def phase_sample_at(plan: methods.PhasePlan, k: int, apply, experts, active_params, z, y,
+                    stop: int):
+  """phase_sample with the stop step fixed at ``stop`` (the ODE anchor's step, as LightX2V
+  fixes its diversity step): returns (x_s, the no-gradient state at t_stop the jump starts
+  from), so the anchor's teacher ODE starts where the expert's gradient step does."""
+  x = frozen_prefix(plan, k, apply, experts, z, y)
+  return jump_at(plan.phases[k], apply_of(apply, k), active_params, x, y, stop)

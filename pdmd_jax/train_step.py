@@ -20,6 +20,7 @@ import optax
 from pdmd_jax import losses
 from pdmd_jax import methods
 from pdmd_jax import rollout
+from pdmd_jax import sampling
 from pdmd_jax import schedule as S
 from pdmd_jax import teachers
 
@@ -154,6 +155,20 @@ def fill_experts(experts, expert_init):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Anchor:
+  """The ODE anchor (config.anchor): on phase ``phase``, the generator update's stop step is
+  fixed at ``step`` and its output x_s is pulled toward the teacher's ODE solution from the
+  same input (the no-gradient state at t_step) to the phase boundary, Euler through ``times``;
+  the loss adds ``weight`` * losses.anchor_loss. With phase 0, step 0 the input is the noise z
+  itself: DMD's paired regression (one-step DMD), LightX2V's diversity term (phased)."""
+  weight: float
+  phase: int
+  step: int
+  times: tuple[float, ...]       # t_step > ... > boundary: the teacher's Euler steps
+  features: Any = None           # distance in this feature map (None: pixels/latents)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepConfig:
   """The static side of a step: plan, networks, schedule and loss options."""
   plan: methods.PhasePlan
@@ -172,6 +187,7 @@ class StepConfig:
   gen_clip: float = 0.0                # the generator's global-norm clip (for the metric)
   ema_decay: float = 0.0               # EMA of the generator experts (0: off)
   ema_start: int = 0                   # expert updates before the EMA starts averaging
+  anchor: Anchor | None = None         # the ODE anchor term (None: off)
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
@@ -235,19 +251,31 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.sample_shape)
   fake = sg(state.fakes[k])
 
+  anchor = cfg.anchor if cfg.anchor is not None and cfg.anchor.phase == k else None
+  apply = cfg.experts_apply(teacher_params)
+
   def loss_fn(p):
-    x_s, stop = rollout.phase_sample(cfg.plan, k, cfg.experts_apply(teacher_params),
-                                     state.experts, p, z, y, keys["stop"])
+    if anchor is None:
+      x_s, stop = rollout.phase_sample(cfg.plan, k, apply, state.experts, p, z, y, keys["stop"])
+    else:
+      x_s, x_in = rollout.phase_sample_at(cfg.plan, k, apply, state.experts, p, z, y,
+                                          anchor.step)
+      stop = jnp.int32(anchor.step)
     t, _, x_t = _renoise(cfg, phase, x_s, keys)
     v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
     v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y))
     g = losses.generator_grad_direction(cfg.sched, x_s, phase.boundary, t, x_t, v_t, v_f,
                                         cfg.weighting, cfg.norm_floor)
-    aux = {"dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1))),
-           "t_mean": jnp.mean(t), "stop_index": stop}
-    return losses.generator_loss(x_s, g, cfg.loss_reduction), aux
+    surrogate = losses.generator_loss(x_s, g, cfg.loss_reduction)
+    aux = {"gen_surrogate": surrogate, "t_mean": jnp.mean(t), "stop_index": stop,
+           "dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1)))}
+    if anchor is None:
+      return surrogate, aux
+    target = sampling.euler(cfg.teacher, teacher_params, anchor.times, x_in, y)[-1]
+    aux["anchor_loss"] = losses.anchor_loss(x_s, target, cfg.loss_reduction, anchor.features)
+    return surrogate + anchor.weight * aux["anchor_loss"], aux
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.experts[k])
+  (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.experts[k])
   updates, opt = cfg.gen_tx.update(grads, state.expert_opt[k], state.experts[k])
   params = optax.apply_updates(state.experts[k], updates)
   state = state.replace(experts=_set(state.experts, k, params),
@@ -256,7 +284,7 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
     state = state.replace(ema=_set(state.ema, k, ema_update(state.ema[k], params, cfg.ema_decay,
                                                             cfg.ema_start)))
   norm = optax.global_norm(grads)
-  metrics = {"gen_surrogate": loss, "gen_grad_norm": norm, **aux}
+  metrics = {"gen_grad_norm": norm, **aux}
   if cfg.gen_clip > 0:   # 1 when the clip rescaled this update's gradient
     metrics["gen_clipped"] = (norm > cfg.gen_clip).astype(jnp.float32)
   return state, metrics
@@ -281,9 +309,9 @@ def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch
   state, gen_metrics = generator_step(cfg, k, state, teacher_params, _row(batch["y"], cfg.ttur),
                                       jax.random.fold_in(base, cfg.ttur))
   metrics = {**fake_metrics, **gen_metrics}
-  metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in
-                                         (metrics["fake_loss"], metrics["fake_grad_norm"],
-                                          metrics["gen_grad_norm"], metrics["dmd_grad_norm"])]))
+  watched = ("fake_loss", "fake_grad_norm", "gen_grad_norm", "dmd_grad_norm", "anchor_loss")
+  metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[m])) for m in watched
+                                         if m in metrics]))
   return state.replace(step=state.step + 1), metrics
 
 

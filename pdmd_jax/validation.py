@@ -121,6 +121,10 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
       fail("generator.ema_decay", config.generator.ema_decay, "0 (off) or a value in (0, 1)")
     positive(config, "generator.ema_start", integer=True, minimum=0)
   choice(config, "fake.target", losses.FAKE_TARGETS)
+  if "anchor" in config:
+    positive(config, "anchor.weight", minimum=0.0)
+    positive(config, "anchor.teacher_steps", integer=True)
+    choice(config, "anchor.distance", losses.ANCHOR_DISTANCES)
   if not isinstance(config.fake.ttur, int) or config.fake.ttur < 1:
     fail("fake.ttur", config.fake.ttur, "an integer >= 1 (fake updates per generator update)")
 
@@ -151,6 +155,22 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
   for p in plan.phases:
     if p.t_sampler.low >= p.t_sampler.high:
       fail("t_sampler.t_max", ts.t_max, f"above phase {p.index + 1}'s boundary {p.boundary:.4f}")
+  if "anchor" in config and config.anchor.weight > 0:
+    a = config.anchor
+    choice(config, "anchor.phase", tuple(range(k)))
+    phase = plan.phases[a.phase]
+    choice(config, "anchor.step", tuple(range(phase.num_steps)))
+    if phase.grad_mode == "full" and phase.num_steps > 1:
+      fail("method", m, "a method with one step per phase or SGTS inside phases with "
+           "anchor.weight > 0 (the anchor fixes the phase's gradient step; every step of "
+           "'dmd_multistep' has one)")
+    if a.distance == "features":
+      # A family offering a feature map of clean samples says so with has_features(config).
+      if not getattr(family, "has_features", lambda _: False)(config):
+        fail("anchor.distance", a.distance, "'mse' (this teacher family has no feature map)")
+      if phase.boundary != 0.0:
+        fail("anchor.distance", a.distance, f"'mse' for phase {a.phase} (features are of clean "
+             "samples: the anchored phase must end at t = 0)")
   family.validate(config, plan, files=files)   # last: the family's fields, then its files
   return plan
 

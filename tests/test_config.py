@@ -45,6 +45,13 @@ BAD = [
     ({"generator.lr": -1.0}, "generator.lr=-1.0.*> 0"),
     ({"generator.b1": 1.0}, "generator.b1.*\\[0, 1\\)"),
     ({"shift": 0.0}, "shift=0.0.*> 0"),
+    ({"anchor.weight": -1.0}, "anchor.weight=-1.0.*>= 0"),
+    ({"anchor.weight": 0.5, "anchor.step": 1}, "anchor.step=1.*\\[0\\]"),
+    ({"anchor.weight": 0.5, "anchor.phase": 4}, "anchor.phase=4.*\\[0, 1, 2, 3\\]"),
+    ({"anchor.weight": 0.5, "anchor.distance": "features"}, "anchor.distance.*no feature map"),
+    ({"anchor.distance": "lpips"}, "anchor.distance='lpips'.*mse"),
+    ({"anchor.weight": 0.5, "method": "dmd_multistep", "num_phases": 1},
+     "method='dmd_multistep'.*anchor.weight > 0"),
 ]
 
 

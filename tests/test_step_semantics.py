@@ -272,3 +272,75 @@ def test_jitted_phase_step_traces_once():
   with pytest.raises(AssertionError, match="traced > 1 times"):
     jitted(state, gmm, {"y": jnp.zeros((cfg.ttur + 1, 16), jnp.int32)})
   chex.clear_trace_counter()
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) The ODE anchor: its target is the teacher's ODE solution, its gradient one step's
+# ---------------------------------------------------------------------------------------------
+
+MU, TAU = jnp.asarray([1.0, -0.5]), 0.4
+
+
+def _gaussian_flow(x, t, s):
+  """The exact probability-flow map t -> s of one Gaussian N(MU, TAU^2 I) under flow matching:
+  x_t = (1-t) MU + sigma_t u with sigma_t = sqrt((1-t)^2 TAU^2 + t^2) and u fixed along the ODE."""
+  sig = lambda r: np.sqrt((1 - r)**2 * TAU**2 + r**2)
+  return (1 - s) * MU + sig(s) * (x - (1 - t) * MU) / sig(t)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_anchor_target_and_gradient_reach_only_its_step(step):
+  """Phase 1 of 4-step 2-phase SGTS (times 1, 0.9 -> boundary 0.75) with the anchor on step j:
+  the expert (velocity x + b[i] at step i, recorded) runs step 0 without gradient when j = 1,
+  then jumps from t_j to s: x_s = x_j + (s - t_j)(x_j + b[j]). The teacher is one Gaussian
+  whose ODE map is affine (``_gaussian_flow``, closed form); the fake is the exact teacher
+  velocity, so the DMD direction is 0 and the SGD(1) update is the anchor's alone:
+  b[j] <- b[j] - 2 w (s - t_j) mean_i(x_s,i - flow(x_j,i)), b[other] unchanged.
+
+  Catches: a target that is not the teacher's ODE from the anchored step's input (e.g. from z
+  when j = 1, or to t = 0 instead of the boundary), a gradient into the no-gradient step, a
+  stop step that is still random, the wrong reduction or weight.
+  """
+  gmm = gmm_lib.GaussianMixture(MU[None], jnp.asarray([TAU]), jnp.ones(1), jnp.zeros(1, jnp.int32))
+  plan = methods.make_plan("phased_dmd_sgts", 4, 2, 3.0)
+  phase = plan.phases[0]
+  t_j, s = phase.times[step], phase.boundary
+  assert phase.times == pytest.approx((1.0, 0.9)) and s == pytest.approx(0.75)
+  log, w = [], 0.3
+
+  def expert(p, x, t, y):
+    del y
+    jax.debug.callback(lambda *a: log.append(tuple(np.asarray(v) for v in a)), x, t)
+    return x + jnp.where(t[:, None] > 0.95, p["b"][0], p["b"][1])
+
+  exact = lambda p, x, t, y: teachers.gmm_velocity(FM, gmm, x, t, y)
+  times = tuple(np.linspace(t_j, s, 201))
+  cfg = ts.StepConfig(plan=plan, apply=exact, teacher=teachers.gmm_teacher(FM, 1), sched=FM,
+                      sample_shape=(D,), gen_tx=optax.sgd(1.0), fake_tx=optax.sgd(0.0),
+                      expert_apply=lambda _: expert,
+                      anchor=ts.Anchor(weight=w, phase=0, step=step, times=times))
+  b = jnp.asarray([[0.3, -0.7], [-0.2, 0.5]], jnp.float32)
+  state = ts.create_state(0, {"unused": jnp.zeros(())}, 2, cfg.gen_tx, cfg.fake_tx,
+                          expert_init={"b": b}, lay=ts.layout("progressive", 2, 0))
+  new, metrics = jax.jit(functools.partial(ts.generator_step, cfg, 0))(
+      state, gmm, jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(step))
+  jax.effects_barrier()
+
+  assert len(log) == step + 1 and int(metrics["stop_index"]) == step
+  z = jnp.asarray(log[0][0])
+  np.testing.assert_allclose(log[0][1], 1.0)
+  x_j = z + (0.9 - 1.0) * (z + b[0]) if step == 1 else z
+  np.testing.assert_allclose(log[-1][0], x_j, rtol=1e-5, atol=1e-6)
+  x_s = x_j + (s - t_j) * (x_j + b[step])
+  target = _gaussian_flow(x_j, t_j, s)
+  np.testing.assert_allclose(float(metrics["anchor_loss"]),
+                             float(jnp.sum((x_s - target)**2) / B), rtol=2e-3)
+  assert float(metrics["dmd_grad_norm"]) < 1e-5
+  delta = np.asarray(new.experts[0]["b"] - b)
+  expected = -2 * w * (s - t_j) * np.asarray(jnp.mean(x_s - target, axis=0))
+  np.testing.assert_allclose(delta[step], expected, rtol=2e-3, atol=1e-6)
+  np.testing.assert_array_equal(delta[1 - step], 0.0)
+  # The target from z itself (a wrong reading when j = 1) would give another update.
+  if step == 1:
+    wrong = -2 * w * (s - t_j) * np.asarray(jnp.mean(x_s - _gaussian_flow(z, 1.0, s), axis=0))
+    assert np.max(np.abs(wrong - expected)) > 10 * np.max(np.abs(expected)) * 2e-3

@@ -58,8 +58,8 @@ def _batched(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def load_classifier(path: str = ASSETS) -> Classifier:
-  """Reads params.msgpack + card.json (cached per path)."""
+def _classifier_state(path: str = ASSETS):
+  """(graphdef, parameter state, card) of the classifier: reads params.msgpack + card.json."""
   with open(os.path.join(path, "card.json")) as f:
     card = json.load(f)
   arch = card["architecture"]
@@ -70,6 +70,20 @@ def load_classifier(path: str = ASSETS) -> Classifier:
   with open(os.path.join(path, "params.msgpack"), "rb") as f:
     params = serialization.msgpack_restore(f.read())
   nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+  return graphdef, state, card
+
+
+def feature_map(path: str = ASSETS) -> Callable:
+  """x [B, 32, 32, 1] -> features [B, 128], traceable (the weights enter as constants): the
+  ODE anchor's "features" distance on digits."""
+  graphdef, state, _ = _classifier_state(path)
+  return lambda x: nnx.merge(graphdef, state).features(x)
+
+
+@functools.lru_cache(maxsize=None)
+def load_classifier(path: str = ASSETS) -> Classifier:
+  """The classifier's jitted host-side functions (cached per path)."""
+  graphdef, state, card = _classifier_state(path)
   feats = jax.jit(lambda s, x: nnx.merge(graphdef, s).features(x))
   logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   return Classifier(_batched(functools.partial(feats, state)),

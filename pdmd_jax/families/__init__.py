@@ -8,6 +8,9 @@ A family is a package ``pdmd_jax/families/<name>/`` with two functions:
   build(config, plan, mesh, *, abstract=False, workdir=None) -> Family
       the teacher and the initial trees; ``workdir`` may cache work (the mixture's MLP fit)
 
+and optionally ``has_features(config) -> bool`` (``Family.features`` is set: the ODE anchor
+may use the "features" distance).
+
 ``config.teacher.type`` names the package; ``get(name)`` imports it. Nothing outside a
 family's package branches on family names: the trainer, the AOT planner, the evaluation and
 the health monitor read the ``Family`` below. ``abstract=True`` returns ShapeDtypeStruct
@@ -60,6 +63,9 @@ class Family:
   expert_apply: Callable | None = None
   # teacher_params -> apply of the fakes; None: ``apply`` (full copies).
   fake_apply: Callable | None = None
+  # x [B, *sample_shape] -> features [B, F] of clean samples (the ODE anchor's "features"
+  # distance); None: the family has none.
+  features: Callable | None = None
   # What only this family's evaluator reads (e.g. the mixture, a teacher card, embeddings).
   extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 

@@ -22,6 +22,7 @@ from pdmd_jax import families
 from pdmd_jax import models
 from pdmd_jax import teachers
 from pdmd_jax import validation as V
+from pdmd_jax.evaluation import image_metrics
 from pdmd_jax.families import common
 from pdmd_jax.models import attention
 from pdmd_jax.models import dit as dit_lib
@@ -50,6 +51,13 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
     V.fail("model.scan_layers", config.model.scan_layers, "False with model.remat=False for a "
            "trained teacher (its weights are unscanned); both may be set with teacher.arch")
   common.validate_lora(config)
+
+
+def has_features(config) -> bool:
+  """Digits (32 x 32 x 1, 10 classes) have the shipped classifier's features (the ODE anchor's
+  "features" distance); moving-digit clips do not."""
+  cfg, _ = dit_config(config)
+  return tuple(cfg.sample_shape) == (32, 32, 1) and cfg.num_classes == 10
 
 
 def dit_config(config) -> tuple[dit_lib.DiTConfig, dict | None]:
@@ -81,6 +89,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
       sample_cond=lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes),
+      features=image_metrics.feature_map() if has_features(config) else None,
       extras=MappingProxyType({"card": card, "dit_config": cfg}),
       **common.adapters(config, net.apply, params, axes, abstract=abstract))
 
