@@ -132,6 +132,17 @@ def anchor(config, plan: methods.PhasePlan, family: families.Family) -> ts.Ancho
                    times=tuple(float(t) for t in times), features=features)
 
 
+def _check_ida(family: families.Family):
+  """IDA mixes an expert's full parameters into a full fake of the same structure."""
+  merged = family.expert_init
+  if family.expert_merge is not None:
+    merged = jax.eval_shape(family.expert_merge(family.teacher_params), family.expert_init)
+  if family.fake_apply is not None or (jax.tree.structure(merged) !=
+                                       jax.tree.structure(family.fake_init)):
+    validation.fail("fake.ida_lambda", 1.0, f"1.0 for family {family.name!r} (IDA needs full "
+                    "fakes with the structure of an expert's merged parameters)")
+
+
 def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> Assembly:
   """The step config and every sharding of the run (nothing is allocated here)."""
   g, f = config.generator, config.fake
@@ -142,8 +153,11 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       loss_reduction=g.get("loss_reduction", "sample_sum"), gen_clip=g.grad_clip,
       ema_decay=g.get("ema_decay", 0.0), ema_start=g.get("ema_start", 0),
-      anchor=anchor(config, plan, family),
-      expert_apply=family.expert_apply, fake_apply=family.fake_apply)
+      anchor=anchor(config, plan, family), ida_lambda=f.get("ida_lambda", 1.0),
+      expert_apply=family.expert_apply, fake_apply=family.fake_apply,
+      expert_merge=family.expert_merge)
+  if step_cfg.ida_lambda < 1.0:
+    _check_ida(family)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))
   abstract, state_shardings = [], []

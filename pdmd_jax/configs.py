@@ -97,6 +97,9 @@ def fake(lr: float, *, ttur: int = 5, **kw):
   """The fake scores' optimizer and objective (Eq. 11/13)."""
   return optimizer(lr, target="eq13",         # eq13 (clamped, the paper) | eq11 | naive (biased)
                    clamp_final_phase=False,   # Eq. 13's min(1, 10 t^2) weight also when s = 0
+                   # IDA (SenseFlow, in LightX2V): after each generator update fake <- lam fake
+                   # + (1 - lam) expert (LoRA experts merged); 1.0 = off, the recipes use 0.97.
+                   ida_lambda=1.0,
                    ttur=ttur, **kw)           # fake updates per generator update (TTUR)
 
 

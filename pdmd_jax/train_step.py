@@ -188,12 +188,16 @@ class StepConfig:
   ema_decay: float = 0.0               # EMA of the generator experts (0: off)
   ema_start: int = 0                   # expert updates before the EMA starts averaging
   anchor: Anchor | None = None         # the ODE anchor term (None: off)
+  ida_lambda: float = 1.0              # IDA: fake <- lam fake + (1 - lam) expert (1: off)
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
   # teacher_params -> apply of the fake scores; None: ``apply`` (full fake copies). Shared-
   # backbone mode: LoRA fakes on the teacher's frozen parameters (no second full copy).
   fake_apply: Any = None
+  # teacher_params -> (expert tree -> its full parameters, the fake's structure); None: the
+  # experts are full copies. Read by IDA only.
+  expert_merge: Any = None
 
   def experts_apply(self, teacher_params):
     return self.apply if self.expert_apply is None else self.expert_apply(teacher_params)
@@ -290,8 +294,20 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
   return state, metrics
 
 
+def ida(cfg: StepConfig, k: int, state: TrainState, teacher_params) -> TrainState:
+  """SenseFlow's implicit distribution alignment: fake_k <- lam fake_k + (1 - lam) G_k, with
+  G_k expert k's full parameters (LoRA experts: merged on the teacher backbone), in fp32."""
+  expert = state.experts[k]
+  if cfg.expert_merge is not None:
+    expert = cfg.expert_merge(teacher_params)(expert)
+  lam = cfg.ida_lambda
+  mix = lambda f, g: (lam * f.astype(jnp.float32) + (1.0 - lam) * sg(g).astype(jnp.float32)
+                      ).astype(f.dtype)
+  return state.replace(fakes=_set(state.fakes, k, jax.tree.map(mix, state.fakes[k], expert)))
+
+
 def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch):
-  """TTUR: ``cfg.ttur`` fake updates, then one generator update; step += 1.
+  """TTUR: ``cfg.ttur`` fake updates, then one generator update (then IDA when on); step += 1.
 
   batch["y"]: conditioning with leading axes [ttur + 1, B] (int labels, or a pytree such as
   text embeddings); row i conditions fake update i, the last row the
@@ -308,6 +324,8 @@ def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch
   state, fake_metrics = jax.lax.fori_loop(0, cfg.ttur, body, (state, zeros))
   state, gen_metrics = generator_step(cfg, k, state, teacher_params, _row(batch["y"], cfg.ttur),
                                       jax.random.fold_in(base, cfg.ttur))
+  if cfg.ida_lambda < 1.0:
+    state = ida(cfg, k, state, teacher_params)
   metrics = {**fake_metrics, **gen_metrics}
   watched = ("fake_loss", "fake_grad_norm", "gen_grad_norm", "dmd_grad_norm", "anchor_loss")
   metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[m])) for m in watched

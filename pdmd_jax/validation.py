@@ -121,6 +121,13 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
       fail("generator.ema_decay", config.generator.ema_decay, "0 (off) or a value in (0, 1)")
     positive(config, "generator.ema_start", integer=True, minimum=0)
   choice(config, "fake.target", losses.FAKE_TARGETS)
+  if has(config, "fake.ida_lambda"):
+    lam = config.fake.ida_lambda
+    if not (isinstance(lam, (int, float)) and 0.0 < lam <= 1.0):
+      fail("fake.ida_lambda", lam, "a number in (0, 1]; 1 = off (the recipes: 0.97)")
+    if lam < 1.0 and config.fake.get("lora_rank", 0) > 0:
+      fail("fake.ida_lambda", lam, "1.0 with LoRA fakes (fake.lora_rank > 0): lam A_f B_f + "
+           "(1 - lam) A_g B_g has rank up to 2r and is no LoRA of rank r; use full fakes")
   if "anchor" in config:
     positive(config, "anchor.weight", minimum=0.0)
     positive(config, "anchor.teacher_steps", integer=True)

@@ -52,6 +52,7 @@ BAD = [
     ({"anchor.distance": "lpips"}, "anchor.distance='lpips'.*mse"),
     ({"anchor.weight": 0.5, "method": "dmd_multistep", "num_phases": 1},
      "method='dmd_multistep'.*anchor.weight > 0"),
+    ({"fake.ida_lambda": 0.0}, "fake.ida_lambda=0.0.*\\(0, 1\\]"),
 ]
 
 
@@ -79,3 +80,12 @@ def test_batch_must_divide_over_mesh(gmm_config):
   config.mesh.data, config.mesh.fsdp = 2, 4
   with pytest.raises(ValueError, match="train.batch_size=60.*multiple of data x fsdp = 8"):
     validation.mesh_sizes(config, 8)
+
+
+def test_ida_refuses_lora_fakes():
+  """IDA mixes full parameters: a shared-backbone LoRA fake cannot hold the mix (rank 2r)."""
+  from pdmd_jax import configs  # pylint: disable=import-outside-toplevel
+  config = configs.load("configs/mnist.py:runlocal")
+  config.fake.lora_rank, config.fake.ida_lambda = 4, 0.97
+  with pytest.raises(ValueError, match="fake.ida_lambda=0.97.*LoRA fakes"):
+    validation.validate(config)

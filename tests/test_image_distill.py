@@ -4,6 +4,8 @@ import dataclasses
 import functools
 import os
 
+import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,37 @@ def test_loss_reduction_sets_the_units_of_the_clip(tiny_teacher):
                              out["sample_sum"]["gen_grad_norm"] / d, rtol=1e-4)
   assert float(out["sample_sum"]["gen_clipped"]) == 1.0
   assert float(out["element_mean"]["gen_clipped"]) == 0.0
+
+
+def test_ida_mixes_the_merged_lora_expert_into_the_fake(tiny_teacher):
+  """IDA after the generator update: fake <- lam fake + (1 - lam) (W + (alpha / r) A B) for the
+  LoRA-adapted kernels, lam fake + (1 - lam) W elsewhere, W the teacher's. The same step without
+  IDA gives the fake before mixing and the same expert (IDA runs after the update)."""
+  lam = 0.75                           # far from 1 so the mix is visible in float32
+  c = _config(tiny_teacher)
+  c.generator.lora_rank, c.generator.lora_alpha = 4, 8.0
+  run = trainer.build(c, devices=jax.devices()[:1])
+  state = run.asm.initial_state(1)
+  state = state.replace(experts=state.experts[:1] + (jax.tree.map(   # a non-zero LoRA product
+      lambda a: a + 0.1, state.experts[1]),))
+  batch = trainer.batch_for_step(run, 0)
+  out = {}
+  for name, value in (("plain", 1.0), ("ida", lam)):
+    cfg = dataclasses.replace(run.step_cfg, ida_lambda=value)
+    out[name], _ = jax.jit(functools.partial(ts.phase_step, cfg, 1))(state, run.teacher_params,
+                                                                     batch)
+  plain, mixed = jax.device_get(out["plain"]), jax.device_get(out["ida"])
+  chex.assert_trees_all_equal(plain.experts, mixed.experts)
+  lora = plain.experts[1]
+  flat = lambda tree: {".".join(map(str, k)): v for k, v in
+                       flax.traverse_util.flatten_dict(tree).items()}
+  teacher, fake_plain, fake_mixed = (flat(jax.device_get(t)) for t in
+                                     (run.teacher_params, plain.fakes[1], mixed.fakes[1]))
+  assert len(lora) and set(lora) < set(teacher)
+  for path, w in teacher.items():
+    g = w + (8.0 / 4) * np.einsum("...ir,...ro->...io", lora[path]["a"], lora[path]["b"]) \
+        if path in lora else w
+    np.testing.assert_allclose(fake_mixed[path], lam * fake_plain[path] + (1 - lam) * g,
+                               rtol=1e-5, atol=1e-6, err_msg=path)
+  assert any(not np.allclose(fake_mixed[p], lam * fake_plain[p] + (1 - lam) * teacher[p])
+             for p in lora)                                      # the merge matters

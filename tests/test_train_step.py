@@ -1,5 +1,8 @@
 """Phase step: compiles once, updates only phase k's expert and fake, shards like one device."""
 
+import dataclasses
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -145,3 +148,23 @@ def test_ema_closed_form_and_what_samplers_use(gmm_config):
   chex.assert_trees_all_equal(run.experts(new)[0], avg)
   run.config.eval.ema = False                     # read when sampling
   chex.assert_trees_all_equal(run.experts(new)[0], raw)
+
+
+def test_ida_update_is_exact_for_full_copy_experts(gmm_config):
+  """IDA (fake.ida_lambda = lam < 1): after the generator update, fake_k <- lam fake_k +
+  (1 - lam) expert_k, nothing else changes; with lam = 1 the step is the plain one."""
+  run = _run(gmm_config, "method=phased_dmd_sgts,steps=4,phases=2,runlocal", jax.devices()[:1])
+  state = trainer.initial_state(run)
+  batch = trainer.batch_for_step(run, 0)
+  out = {}
+  for lam in (1.0, 0.97):
+    cfg = dataclasses.replace(run.step_cfg, ida_lambda=lam)
+    out[lam], _ = jax.jit(functools.partial(ts.phase_step, cfg, 0))(state, run.teacher_params,
+                                                                    batch)
+  plain, mixed = jax.device_get(out[1.0]), jax.device_get(out[0.97])
+  chex.assert_trees_all_equal(plain.experts, mixed.experts)
+  chex.assert_trees_all_equal(plain.fake_opt, mixed.fake_opt)
+  expected = jax.tree.map(lambda f, g: np.float32(0.97) * f + np.float32(0.03) * g,
+                          plain.fakes[0], plain.experts[0])
+  chex.assert_trees_all_close(mixed.fakes[0], expected, rtol=1e-6, atol=1e-7)
+  assert not _equal(mixed.fakes[0], plain.fakes[0])

@@ -63,6 +63,9 @@ class Family:
   expert_apply: Callable | None = None
   # teacher_params -> apply of the fakes; None: ``apply`` (full copies).
   fake_apply: Callable | None = None
+  # teacher_params -> (expert tree -> its full parameters); None: experts are full copies.
+  # IDA (fake <- lam fake + (1 - lam) expert) mixes these into the fake.
+  expert_merge: Callable | None = None
   # x [B, *sample_shape] -> features [B, F] of clean samples (the ODE anchor's "features"
   # distance); None: the family has none.
   features: Callable | None = None

@@ -50,19 +50,21 @@ def adapters(config, apply: Callable, params, axes, *, abstract: bool,
              expert_backbone: Callable | None = None) -> dict[str, Any]:
   """Experts and fakes on one teacher parameter tree (``params``, logical ``axes``).
 
-  Returns the Family fields expert_init/expert_axes/expert_apply and fake_init/fake_axes/
-  fake_apply: full copies of ``params`` (apply None) or LoRA trees (apply: teacher_params ->
-  the adapted network). ``expert_backbone(teacher_params)`` picks the expert's backbone out of
+  Returns the Family fields expert_init/expert_axes/expert_apply/expert_merge and fake_init/
+  fake_axes/fake_apply: full copies of ``params`` (apply None) or LoRA trees (apply:
+  teacher_params -> the adapted network; merge: teacher_params -> the merged parameters). ``expert_backbone(teacher_params)`` picks the expert's backbone out of
   the teacher's parameters (default: all of them).
   """
   backbone = expert_backbone or (lambda tp: tp)
-  out = {"expert_init": params, "expert_axes": axes, "expert_apply": None,
+  out = {"expert_init": params, "expert_axes": axes, "expert_apply": None, "expert_merge": None,
          "fake_init": params, "fake_axes": axes, "fake_apply": None}
   spec = lora_spec(config.generator)
   if spec is not None:
     out["expert_init"] = lora_init(spec, params, jax.random.PRNGKey(config.seed + 7), abstract)
     out["expert_axes"] = None if axes is None else sh.lora_axes(out["expert_init"], axes)
     out["expert_apply"] = lambda tp: lora_lib.apply_on(apply, spec, backbone(tp))
+    out["expert_merge"] = lambda tp: lambda lora: lora_lib.merge(
+        spec, jax.lax.stop_gradient(backbone(tp)), lora)
   spec_f = lora_spec(config.fake)
   if spec_f is not None:   # shared backbone: LoRA fakes on the frozen teacher
     out["fake_init"] = lora_init(spec_f, params, jax.random.PRNGKey(config.seed + 11), abstract)

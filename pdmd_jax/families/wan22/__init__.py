@@ -81,6 +81,10 @@ def validate(config, plan, *, files: bool = True):
   if V.has(config, "model.num_layers"):
     V.positive(config, "model.num_layers", integer=True, minimum=0)
   common.validate_lora(config)
+  if config.fake.get("ida_lambda", 1.0) < 1.0:
+    V.fail("fake.ida_lambda", config.fake.ida_lambda, "1.0 for Wan2.2 (IDA is not built for "
+           "it: a fake is a high/low-noise pair re-noised across both teacher experts, while a "
+           "phase's expert adapts one of them)")
   for f in ("data.num_frames", "data.height", "data.width", "data.text_len",
             "data.random_prompts", "data.random_length", "eval.batch_size"):
     V.positive(config, f, integer=True)
