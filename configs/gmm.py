@@ -52,6 +52,7 @@ def get_config(arg=None):
   # the fake score's small error into gradient spikes that stall Adam (std ratio 1.59 -> 0.81,
   # see docs/results/gmm_ring.md).
   c.anchor = blocks.anchor()                      # the ODE anchor term (off)
+  c.gan = blocks.gan()                            # DMD2's GAN term (off; DiT families only)
   c.t_sampler = blocks.t_sampler(0.05, 1.0)
   c.train = blocks.train(64 if a.runlocal else 256, 8 if a.runlocal else 2000,
                          log_every=4 if a.runlocal else 50, ckpt_every=4 if a.runlocal else 500,

@@ -49,6 +49,7 @@ def get_config(arg=None):
   c.fake = blocks.lora(blocks.fake(1e-4, grad_clip=1.0, ttur=2 if a.runlocal else 5),
                        rank=0, alpha=16.0, targets=LORA_TARGETS)
   c.anchor = blocks.anchor()                      # the ODE anchor term (off)
+  c.gan = blocks.gan()                            # DMD2's GAN term with real digits (off)
   c.t_sampler = blocks.t_sampler(0.02, 0.98)      # DMD's margins of the re-noise t
   c.train = blocks.train(8 if a.runlocal else 32, 4 if a.runlocal else 300,
                          log_every=2 if a.runlocal else 20, ckpt_every=4 if a.runlocal else 100)

@@ -110,6 +110,7 @@ def get_config(arg=None):
   # T(t_k, 1): the paper's re-noise range, DMD's lower margin; phase 1: t = max(t, boundary)
   # (clamp: the paper, a 1/6 point mass at 0.875 | resample).
   c.anchor = blocks.anchor()                      # the ODE anchor term (off)
+  c.gan = blocks.gan()                            # DMD2's GAN term (off; DiT families only)
   c.t_sampler = blocks.t_sampler(0.02, 1.0, phase1_floor=boundary)
 
   c.data = ml_collections.ConfigDict()

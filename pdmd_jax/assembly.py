@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import optax
@@ -50,6 +51,9 @@ class Assembly:
   data_key: jax.Array              # conditioning of update ``step``: fold_in(data_key, step)
   abstract_state_trees: tuple[Any, ...]  # ShapeDtypeStructs of the state (per phase) and of
   abstract_y: Any                        #   the conditioning, computed once by ``assemble``
+  # GAN term: a grain MapDataset whose element i is update i's real rows {"x": [ttur, B, ...],
+  # "y": [ttur, B]} (a function of (seed, i): resuming reads the same data); None: data-free.
+  real_data: Any = None
 
   @property
   def batch_shape(self) -> tuple[int, int]:
@@ -99,10 +103,30 @@ class Assembly:
     """step -> {"y": conditioning [rows, B, ...]}, jitted, a function of (seed, step) only."""
     fn = lambda step: {"y": self.family.sample_cond(jax.random.fold_in(self.data_key, step),
                                                     self.batch_shape)}
-    return jax.jit(fn, out_shardings=self.batch_sharding)
+    return jax.jit(fn, out_shardings={"y": self.batch_sharding["y"]})
 
   def abstract_batch(self):
-    return sh.abstract_with({"y": self.abstract_y}, self.batch_sharding)
+    tree = {"y": self.abstract_y}
+    if self.real_data is not None:
+      rows = self.batch_shape[0] - 1
+      shape = (rows, self.config.train.batch_size)
+      tree["real"] = {"x": jax.ShapeDtypeStruct(shape + tuple(self.family.sample_shape),
+                                                jax.numpy.float32),
+                      "y": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
+    return sh.abstract_with(tree, self.batch_sharding)
+
+  def real_batches(self, start: int):
+    """Real rows of updates start, start + 1, ... placed on their shardings (grain threads
+    prefetch them); None when the run reads no data."""
+    if self.real_data is None:
+      return None
+    it = iter(self.real_data[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    return (jax.device_put(b, self.batch_sharding["real"]) for b in it)
+
+  def real_batch(self, step: int):
+    """Update ``step``'s real rows (random access; the same as ``real_batches(step)``'s first)."""
+    return jax.device_put(self.real_data[step], self.batch_sharding["real"])
 
   def jit_step(self, k: int):
     return ts.jit_phase_step(self.step_cfg, k, self.state_shardings[k], self.teacher_sharding,
@@ -132,6 +156,34 @@ def anchor(config, plan: methods.PhasePlan, family: families.Family) -> ts.Ancho
                    times=tuple(float(t) for t in times), features=features)
 
 
+def gan_term(config, family: families.Family) -> tuple[ts.Gan | None, families.Family]:
+  """config.gan as the step's GAN term, and the family with its fakes as {"score", "head"}
+  trees (the head is part of the fake's checkpoint item and of its optimizer); (None, family)
+  when off."""
+  g = config.get("gan")
+  if g is None or not g.enabled:
+    return None, family
+  from pdmd_jax.models import gan_head  # pylint: disable=import-outside-toplevel
+  y = jax.eval_shape(lambda: family.sample_cond(jax.random.PRNGKey(0), (1,)))
+  x = jax.ShapeDtypeStruct((1,) + tuple(family.sample_shape), jax.numpy.float32)
+  tokens = jax.eval_shape(family.score_features, family.teacher_params, x,
+                          jax.ShapeDtypeStruct((1,), jax.numpy.float32), y)[1]
+  grid, dim = tuple(tokens.shape[1:-1]), tokens.shape[-1]
+  head = gan_head.Head(grid, dim, g.width or dim, config.seed + 13)
+  base = family.fake_apply or (lambda tp: family.apply)
+  wrapped = dataclasses.replace(
+      family, fake_init={"score": family.fake_init, "head": head.params},
+      fake_axes=None if family.fake_axes is None else {
+          "score": family.fake_axes, "head": jax.tree.map(lambda a: (None,) * a.ndim, head.params)},
+      fake_apply=lambda tp: (lambda p, x, t, y: base(tp)(p["score"], x, t, y)))
+  reduction = config.generator.get("loss_reduction", "sample_sum")
+  term = ts.Gan(gen_weight=float(g.gen_weight), disc_weight=float(g.disc_weight),
+                source=g.source, head=head.apply, features=family.score_features,
+                fake_merge=family.fake_merge,
+                elements=int(np.prod(family.sample_shape)) if reduction == "sample_sum" else 1)
+  return term, wrapped
+
+
 def _check_ida(family: families.Family):
   """IDA mixes an expert's full parameters into a full fake of the same structure."""
   merged = family.expert_init
@@ -146,6 +198,9 @@ def _check_ida(family: families.Family):
 def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> Assembly:
   """The step config and every sharding of the run (nothing is allocated here)."""
   g, f = config.generator, config.fake
+  if f.get("ida_lambda", 1.0) < 1.0:
+    _check_ida(family)
+  gan, family = gan_term(config, family)
   step_cfg = ts.StepConfig(
       plan=plan, apply=family.apply, teacher=family.teacher,
       sched=S.get_schedule(config.schedule), sample_shape=tuple(family.sample_shape),
@@ -153,11 +208,9 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
       fake_target=f.target, clamp_final_phase=f.clamp_final_phase, norm_floor=g.norm_floor,
       loss_reduction=g.get("loss_reduction", "sample_sum"), gen_clip=g.grad_clip,
       ema_decay=g.get("ema_decay", 0.0), ema_start=g.get("ema_start", 0),
-      anchor=anchor(config, plan, family), ida_lambda=f.get("ida_lambda", 1.0),
+      anchor=anchor(config, plan, family), ida_lambda=f.get("ida_lambda", 1.0), gan=gan,
       expert_apply=family.expert_apply, fake_apply=family.fake_apply,
       expert_merge=family.expert_merge)
-  if step_cfg.ida_lambda < 1.0:
-    _check_ida(family)
   rng, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   layouts = tuple(ts.layout(plan.order, plan.num_phases, k) for k in range(plan.num_phases))
   abstract, state_shardings = [], []
@@ -180,10 +233,17 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
   shape = (f.ttur + 1, config.train.batch_size)
   y = jax.eval_shape(lambda: family.sample_cond(jax.random.PRNGKey(0), shape))
   batch_sharding = {"y": jax.tree.map(lambda a: sh.batch_sharding(mesh, 1, a.ndim), y)}
+  real = None
+  if gan is not None:   # real rows [ttur, B, ...] per update, through the family's data pipeline
+    real = family.real_data(f.ttur * config.train.batch_size, config.seed).map(
+        lambda b: jax.tree.map(lambda a: a.reshape((f.ttur, -1) + a.shape[1:]), b))
+    batch_sharding["real"] = {"x": sh.batch_sharding(mesh, 1, 2 + len(family.sample_shape)),
+                              "y": sh.batch_sharding(mesh, 1, 2)}
   return Assembly(config=config, plan=plan, family=family, mesh=mesh, step_cfg=step_cfg,
                   layouts=layouts, state_shardings=tuple(state_shardings),
                   teacher_sharding=teacher_sharding, batch_sharding=batch_sharding, rng=rng,
-                  data_key=data_key, abstract_state_trees=tuple(abstract), abstract_y=y)
+                  data_key=data_key, abstract_state_trees=tuple(abstract), abstract_y=y,
+                  real_data=real)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:

@@ -116,6 +116,20 @@ def anchor(weight: float = 0.0, *, teacher_steps: int = 16):
   return c
 
 
+def gan(*, gen_weight: float = 3e-3, disc_weight: float = 1e-2):
+  """DMD2's GAN term: a discriminator head on a score network's middle-block tokens, trained
+  against real data re-noised at the phase's t (the only term that reads data)."""
+  c = ml_collections.ConfigDict()
+  c.enabled = False                        # off: the paper's data-free recipe
+  c.gen_weight = gen_weight                # softplus(-D(G)) in the generator loss (DMD2 ImageNet
+                                           #   3e-3, SDXL 5e-3); in element-mean DMD-loss units
+  c.disc_weight = disc_weight              # the discriminator loss in the fake's loss (DMD2 1e-2)
+  c.source = "fake"                        # fake (DMD2; also trains the fake) | teacher (FastGen)
+  c.layer = -1                             # tokens after this block; -1 = the middle (depth // 2)
+  c.width = 0                              # head channels; 0 = the tokens' width
+  return c
+
+
 def lora(c, *, rank: int, alpha: float, targets: str):
   """LoRA fields on a generator/fake block: rank 0 = full-parameter copies."""
   c.lora_rank = rank

@@ -16,6 +16,7 @@ GENERATOR_WEIGHTINGS = ("exact", "dmd_normalized")
 LOSS_REDUCTIONS = ("sample_sum", "element_mean")
 FAKE_TARGETS = ("eq13", "eq11", "naive")
 ANCHOR_DISTANCES = ("mse", "features")
+GAN_SOURCES = ("fake", "teacher")
 
 sg = jax.lax.stop_gradient
 
@@ -89,6 +90,16 @@ def anchor_loss(x, target, reduction: str = "sample_sum", features=None):
     return jnp.mean(d2)
   raise ValueError(f"generator.loss_reduction={reduction!r} is unknown; allowed: "
                    f"{list(LOSS_REDUCTIONS)}")
+
+
+def gan_gen_loss(logits_fake):
+  """Non-saturating generator loss of DMD2 / FastGen: mean softplus(-D(G(z)))."""
+  return jnp.mean(jax.nn.softplus(-logits_fake))
+
+
+def gan_disc_loss(logits_fake, logits_real):
+  """Non-saturating logistic discriminator loss: mean softplus(D(fake)) + mean softplus(-D(real))."""
+  return jnp.mean(jax.nn.softplus(logits_fake)) + jnp.mean(jax.nn.softplus(-logits_real))
 
 
 def fake_target(sched: S.Schedule, x_s, s, t, eps, target: str = "eq13"):

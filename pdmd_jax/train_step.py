@@ -169,6 +169,24 @@ class Anchor:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Gan:
+  """DMD2's GAN term (config.gan). A fake tree is then {"score": the fake score, "head": a
+  discriminator head}; the head reads ``source``'s tokens after a middle block
+  (``features(params, x, t, y) -> (velocity, tokens [B, *grid, D])`` of a full network) at
+  diffusion-GAN inputs: generator samples and real data re-noised at the phase's t.
+  Generator: gen_weight softplus(-D(G)); fake: disc_weight (softplus(D(G)) + softplus(-D(real))),
+  which also trains the fake backbone when source = "fake" (DMD2; "teacher": FastGen, the
+  head alone)."""
+  gen_weight: float
+  disc_weight: float
+  source: str                    # fake | teacher
+  head: Any                      # head(params, tokens) -> logits [B]
+  features: Any
+  fake_merge: Any = None         # teacher_params -> (fake score tree -> full params); None: full
+  elements: int = 1              # the generator term's scale: D under sample_sum, else 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepConfig:
   """The static side of a step: plan, networks, schedule and loss options."""
   plan: methods.PhasePlan
@@ -189,6 +207,7 @@ class StepConfig:
   ema_start: int = 0                   # expert updates before the EMA starts averaging
   anchor: Anchor | None = None         # the ODE anchor term (None: off)
   ida_lambda: float = 1.0              # IDA: fake <- lam fake + (1 - lam) expert (1: off)
+  gan: Gan | None = None               # DMD2's GAN term (None: off)
   # teacher_params -> apply (or one per expert) of the generator experts; None: ``apply``.
   # LoRA experts read their frozen backbone from the teacher's parameters this way.
   expert_apply: Any = None
@@ -223,8 +242,9 @@ def _fake_target_kind(cfg: StepConfig, phase: methods.Phase) -> str:
   return cfg.fake_target
 
 
-def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key):
-  """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13)."""
+def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key, real=None):
+  """One fake-score update of phase k on fresh, gradient-free phase-k samples (Eq. 11/13);
+  with the GAN term also the discriminator loss on them and on ``real`` {"x", "y"}."""
   phase = cfg.plan.phases[k]
   keys = _keys(key)
   z = jax.random.normal(keys["z"], (_batch_size(y),) + cfg.sample_shape)
@@ -237,7 +257,13 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
 
   fake_apply = cfg.fakes_apply(teacher_params)
   loss_of_pred = lambda pred: losses.fake_loss(pred, weight, scale, target)
-  if isinstance(fake_apply, teachers.MoE):   # routed outside the differentiation
+  aux = {}
+  if cfg.gan is not None:
+    eps_real = jax.random.normal(jax.random.fold_in(key, 1), real["x"].shape)
+    x_real = S.renoise(cfg.sched, real["x"].astype(x_t.dtype), 0.0, t, eps_real)
+    (loss, aux), grads = jax.value_and_grad(_gan_fake_loss, has_aux=True)(
+        state.fakes[k], cfg, teacher_params, loss_of_pred, (x_t, y), (x_real, real["y"]), t)
+  elif isinstance(fake_apply, teachers.MoE):   # routed outside the differentiation
     loss, grads = fake_apply.value_and_grad(loss_of_pred, state.fakes[k], x_t, t, y)
   else:
     loss, grads = jax.value_and_grad(lambda p: loss_of_pred(fake_apply(p, x_t, t, y)))(
@@ -245,7 +271,34 @@ def fake_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key
   updates, opt = cfg.fake_tx.update(grads, state.fake_opt[k], state.fakes[k])
   params = optax.apply_updates(state.fakes[k], updates)
   state = state.replace(fakes=_set(state.fakes, k, params), fake_opt=_set(state.fake_opt, k, opt))
-  return state, {"fake_loss": loss, "fake_grad_norm": optax.global_norm(grads)}
+  return state, {"fake_loss": aux.get("fake_loss", loss), "fake_grad_norm": optax.global_norm(grads),
+                 **{m: v for m, v in aux.items() if m != "fake_loss"}}
+
+
+def _gan_features(cfg: StepConfig, teacher_params, score, x, t, y):
+  """(velocity of the fake score or None, the GAN source's tokens) at (x, t, y)."""
+  gan = cfg.gan
+  if gan.source == "teacher":
+    return None, gan.features(sg(teacher_params), x, t, y)[1]
+  full = score if gan.fake_merge is None else gan.fake_merge(teacher_params)(score)
+  return gan.features(full, x, t, y)
+
+
+def _gan_fake_loss(params, cfg: StepConfig, teacher_params, loss_of_pred, fake_in, real_in, t):
+  """DSM + disc_weight (softplus(D(G)) + softplus(-D(real))), batch means; the head and (source
+  fake) the score are trained by it."""
+  gan = cfg.gan
+  (x_t, y), (x_real, y_real) = fake_in, real_in
+  v, f_fake = _gan_features(cfg, teacher_params, params["score"], x_t, t, y)
+  if v is None:
+    v = cfg.fakes_apply(teacher_params)(params, x_t, t, y)
+  _, f_real = _gan_features(cfg, teacher_params, params["score"], x_real, t, y_real)
+  d_fake, d_real = gan.head(params["head"], f_fake), gan.head(params["head"], f_real)
+  dsm = loss_of_pred(v)
+  disc = losses.gan_disc_loss(d_fake, d_real)
+  aux = {"fake_loss": dsm, "gan_disc_loss": disc, "d_real": jnp.mean(jax.nn.sigmoid(d_real)),
+         "d_fake": jnp.mean(jax.nn.sigmoid(d_fake))}
+  return dsm + gan.disc_weight * disc, aux
 
 
 def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y, key):
@@ -265,19 +318,28 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
       x_s, x_in = rollout.phase_sample_at(cfg.plan, k, apply, state.experts, p, z, y,
                                           anchor.step)
       stop = jnp.int32(anchor.step)
-    t, _, x_t = _renoise(cfg, phase, x_s, keys)
+    t, eps, x_t = _renoise(cfg, phase, x_s, keys)
     v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
-    v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y))
+    total, aux = 0.0, {}
+    if cfg.gan is None:
+      v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y))
+    else:   # the same x_t, differentiable: the head's gradient reaches x_s through the features
+      x_t_g = S.renoise(cfg.sched, x_s, phase.boundary, t, eps)
+      v_f, tokens = _gan_features(cfg, teacher_params, fake["score"], x_t_g, t, y)
+      v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y) if v_f is None else v_f)
+      aux["gan_gen_loss"] = losses.gan_gen_loss(cfg.gan.head(fake["head"], tokens))
+      total = cfg.gan.gen_weight * cfg.gan.elements * aux["gan_gen_loss"]
     g = losses.generator_grad_direction(cfg.sched, x_s, phase.boundary, t, x_t, v_t, v_f,
                                         cfg.weighting, cfg.norm_floor)
     surrogate = losses.generator_loss(x_s, g, cfg.loss_reduction)
-    aux = {"gen_surrogate": surrogate, "t_mean": jnp.mean(t), "stop_index": stop,
-           "dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1)))}
-    if anchor is None:
-      return surrogate, aux
-    target = sampling.euler(cfg.teacher, teacher_params, anchor.times, x_in, y)[-1]
-    aux["anchor_loss"] = losses.anchor_loss(x_s, target, cfg.loss_reduction, anchor.features)
-    return surrogate + anchor.weight * aux["anchor_loss"], aux
+    aux.update({"gen_surrogate": surrogate, "t_mean": jnp.mean(t), "stop_index": stop,
+                "dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1)))})
+    total = total + surrogate
+    if anchor is not None:
+      target = sampling.euler(cfg.teacher, teacher_params, anchor.times, x_in, y)[-1]
+      aux["anchor_loss"] = losses.anchor_loss(x_s, target, cfg.loss_reduction, anchor.features)
+      total = total + anchor.weight * aux["anchor_loss"]
+    return total, aux
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.experts[k])
   updates, opt = cfg.gen_tx.update(grads, state.expert_opt[k], state.experts[k])
@@ -303,7 +365,11 @@ def ida(cfg: StepConfig, k: int, state: TrainState, teacher_params) -> TrainStat
   lam = cfg.ida_lambda
   mix = lambda f, g: (lam * f.astype(jnp.float32) + (1.0 - lam) * sg(g).astype(jnp.float32)
                       ).astype(f.dtype)
-  return state.replace(fakes=_set(state.fakes, k, jax.tree.map(mix, state.fakes[k], expert)))
+  fake = state.fakes[k]
+  if cfg.gan is not None:   # the score only; the discriminator head stays
+    return state.replace(fakes=_set(state.fakes, k, {
+        **fake, "score": jax.tree.map(mix, fake["score"], expert)}))
+  return state.replace(fakes=_set(state.fakes, k, jax.tree.map(mix, fake, expert)))
 
 
 def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch):
@@ -311,23 +377,29 @@ def phase_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, batch
 
   batch["y"]: conditioning with leading axes [ttur + 1, B] (int labels, or a pytree such as
   text embeddings); row i conditions fake update i, the last row the
-  generator update.
+  generator update. batch["real"] (GAN term only): {"x": [ttur, B, ...], "y": [ttur, B]} real
+  data, row i for fake update i's discriminator.
   """
   base = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), k)
 
   def body(i, carry):
     st, acc = carry
-    st, m = fake_step(cfg, k, st, teacher_params, _row(batch["y"], i), jax.random.fold_in(base, i))
+    real = None if cfg.gan is None else _row(batch["real"], i)
+    st, m = fake_step(cfg, k, st, teacher_params, _row(batch["y"], i), jax.random.fold_in(base, i),
+                      real)
     return st, jax.tree.map(lambda a, b: a + b / cfg.ttur, acc, m)
 
-  zeros = {"fake_loss": jnp.zeros(()), "fake_grad_norm": jnp.zeros(())}
+  names = ("fake_loss", "fake_grad_norm") + (() if cfg.gan is None else
+                                             ("gan_disc_loss", "d_real", "d_fake"))
+  zeros = {m: jnp.zeros(()) for m in names}
   state, fake_metrics = jax.lax.fori_loop(0, cfg.ttur, body, (state, zeros))
   state, gen_metrics = generator_step(cfg, k, state, teacher_params, _row(batch["y"], cfg.ttur),
                                       jax.random.fold_in(base, cfg.ttur))
   if cfg.ida_lambda < 1.0:
     state = ida(cfg, k, state, teacher_params)
   metrics = {**fake_metrics, **gen_metrics}
-  watched = ("fake_loss", "fake_grad_norm", "gen_grad_norm", "dmd_grad_norm", "anchor_loss")
+  watched = ("fake_loss", "fake_grad_norm", "gen_grad_norm", "dmd_grad_norm", "anchor_loss",
+             "gan_disc_loss", "gan_gen_loss")
   metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[m])) for m in watched
                                          if m in metrics]))
   return state.replace(step=state.step + 1), metrics

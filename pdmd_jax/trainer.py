@@ -85,9 +85,13 @@ def initial_state(run: Run) -> ts.TrainState:
   return run.asm.initial_state()
 
 
-def batch_for_step(run: Run, step: int):
-  """Conditioning for generator update ``step``: [ttur + 1, B, ...], a function of (seed, step)."""
-  return run.batch_fn(np.int32(step))
+def batch_for_step(run: Run, step: int, real=None):
+  """Update ``step``'s batch, a function of (seed, step): conditioning [ttur + 1, B, ...] and,
+  with the GAN term, real data [ttur, B, ...] (``real``: already fetched, else read here)."""
+  batch = run.batch_fn(np.int32(step))
+  if run.asm.real_data is not None:
+    batch["real"] = run.asm.real_batch(step) if real is None else real
+  return batch
 
 
 def compile_phase_steps(run: Run) -> tuple[dict, dict]:
@@ -143,6 +147,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
     from pdmd_jax import health  # pylint: disable=import-outside-toplevel
     monitor = health.HealthMonitor(run, seeds=h.seeds, min_fraction=h.min_fraction)
   stopped_early = ""
+  reals = run.asm.real_batches(step)    # GAN term: real data of updates step, step + 1, ...
   try:
     while step < end:
       k = run.phase_of(step)
@@ -155,7 +160,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
                         desc=f"phase {k + 1}/{run.plan.num_phases}" if run.plan.order == "progressive"
                         else "interleaved phases", dynamic_ncols=True)
       t0 = time.perf_counter()
-      state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step))
+      real = None if reals is None else next(reals)
+      state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step, real))
       pending.append((step, metrics))
       _drain(pending, writer, tally, config.train.log_every, leave=1)   # read one step late
       times.append(time.perf_counter() - t0)

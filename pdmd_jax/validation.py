@@ -178,6 +178,20 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
       if phase.boundary != 0.0:
         fail("anchor.distance", a.distance, f"'mse' for phase {a.phase} (features are of clean "
              "samples: the anchored phase must end at t = 0)")
+  if "gan" in config:
+    g = config.gan
+    if not isinstance(g.enabled, bool):
+      fail("gan.enabled", g.enabled, [True, False])
+    positive(config, "gan.gen_weight", minimum=0.0)
+    positive(config, "gan.disc_weight")
+    choice(config, "gan.source", losses.GAN_SOURCES)
+    positive(config, "gan.layer", integer=True, minimum=-1)
+    positive(config, "gan.width", integer=True, minimum=0)
+    # A family with a token grid and real data says so with has_gan(config).
+    if g.enabled and not getattr(family, "has_gan", lambda _: False)(config):
+      fail("gan.enabled", True, "False for this teacher family (the GAN term needs its "
+           "tokens on a grid and real data: the trained DiT teachers of digits and clips, "
+           "unscanned)")
   family.validate(config, plan, files=files)   # last: the family's fields, then its files
   return plan
 

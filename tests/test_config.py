@@ -53,6 +53,9 @@ BAD = [
     ({"anchor.weight": 0.5, "method": "dmd_multistep", "num_phases": 1},
      "method='dmd_multistep'.*anchor.weight > 0"),
     ({"fake.ida_lambda": 0.0}, "fake.ida_lambda=0.0.*\\(0, 1\\]"),
+    ({"gan.enabled": True}, "gan.enabled=True.*False for this teacher family"),
+    ({"gan.source": "student"}, "gan.source='student'.*fake"),
+    ({"gan.disc_weight": 0.0}, "gan.disc_weight=0.0.*> 0"),
 ]
 
 

@@ -142,3 +142,28 @@ def test_lora_targets_that_match_nothing_name_the_field():
   _, p = models.build_dit(dit.config_for("tiny"))
   with pytest.raises(ValueError, match="generator.lora targets"):
     lora.init(lora.LoraSpec((("nothing", 4, 4.0),)), p, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_features_on_the_token_grid_and_the_gan_head(frames):
+  """apply_features(layer) returns the unchanged velocity and the tokens after block ``layer``
+  on the grid [B, *grid, hidden] (image [8, 8], video [2, 8, 8]); a token changed at one grid
+  cell moves only that cell's features before any attention (layer 0). The GAN head maps them
+  to one logit per sample that depends on its input (not a constant: no norm over a 1 x 1 map)."""
+  from pdmd_jax.models import gan_head  # pylint: disable=import-outside-toplevel
+  cfg = dit.config_for("tiny", frames=frames, temporal_patch=2 if frames > 1 else 1)
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + cfg.sample_shape)
+  t, y = jnp.array([0.2, 0.5, 0.9]), jnp.array([1, 2, 3])
+  v, f = net.apply_features(p, x, t, y, 1)
+  np.testing.assert_allclose(v, net.apply(p, x, t, y), rtol=1e-6, atol=1e-6)
+  assert f.shape == (3,) + cfg.grid + (cfg.hidden,)
+  _, f0 = net.apply_features(p, x, t, y, 0)
+  _, f0b = net.apply_features(p, x.at[..., :4, :4, :].add(1.0), t, y, 0)   # patch (0, 0)
+  moved = np.any(np.abs(np.asarray(f0b - f0)) > 1e-6, axis=-1)            # [B, *grid]
+  assert moved[..., 0, 0].all() and moved.sum() == moved[..., 0, 0].sum()  # (every frame's)
+  head = gan_head.Head(cfg.grid, cfg.hidden, 32, seed=0)
+  logits = head.apply(head.params, f)
+  assert logits.shape == (3,) and np.all(np.isfinite(logits))
+  assert np.ptp(np.asarray(logits)) > 1e-4

@@ -235,3 +235,32 @@ def test_ida_mixes_the_merged_lora_expert_into_the_fake(tiny_teacher):
                                rtol=1e-5, atol=1e-6, err_msg=path)
   assert any(not np.allclose(fake_mixed[p], lam * fake_plain[p] + (1 - lam) * teacher[p])
              for p in lora)                                      # the merge matters
+
+
+def test_resume_with_every_recipe_term_on_is_bit_identical(tiny_teacher, tmp_path):
+  """element_mean + ODE anchor + IDA + the GAN head with real digits + EMA: stop at the phase
+  boundary (2 of 2 x 2 updates) and after it, resume to the end; every leaf (the heads and their
+  moments inside the fake items) equals the uninterrupted run's, bit for bit. The real batch
+  of update i is a function of (seed, i), so a resumed run reads the same digits."""
+  c = _config(tiny_teacher)
+  c.generator.loss_reduction = "element_mean"
+  c.generator.ema_decay, c.generator.ema_start = 0.5, 1
+  c.anchor.weight, c.anchor.teacher_steps = 0.05, 2
+  c.fake.ida_lambda = 0.97
+  c.gan.enabled = True
+  dev = jax.devices()[:1]
+  a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  kw = dict(devices=dev, final_eval=False, evaluate_phases=False, verbose=False)
+  trainer.train_and_evaluate(c, a, **kw)
+  for stop in (2, 3):
+    trainer.train_and_evaluate(c, b, stop_at_step=stop, **kw)
+  trainer.train_and_evaluate(c, b, **kw)
+  (run, sa), (_, sb) = trainer.restore_latest(c, a, dev), trainer.restore_latest(c, b, dev)
+  sa, sb = jax.device_get(sa), jax.device_get(sb)
+  assert int(sa.step) == int(sb.step) == 4
+  assert set(sa.fakes[1]) == {"score", "head"}             # the head is in the fake's item
+  chex.assert_trees_all_equal(sa, sb, strict=True)
+  init = jax.device_get(run.asm.initial_state(1))
+  assert not np.array_equal(sa.fakes[1]["head"]["out"]["kernel"],
+                            init.fakes[1]["head"]["out"]["kernel"])      # the head trained
+  assert int(sa.fake_opt[1][-1][0].count) == 2 * c.fake.ttur    # its AdamW moments, restored

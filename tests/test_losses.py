@@ -117,6 +117,46 @@ class SurrogateTest(parameterized.TestCase):
       losses.generator_loss(x, g, "sum")
 
 
+  def test_anchor_loss_reduction_and_features(self):
+    """anchor_loss = sum over elements of (x - target)^2 / B (sample_sum) or their mean
+    (element_mean): the DMD surrogate's units, so the anchor weight is relative to it; with a
+    feature map, the same on the features; no gradient into the target."""
+    x, target = _rand(8, (4, 3)), _rand(9, (4, 3))
+    d2 = np.asarray((x - target)**2)
+    self.assertAlmostEqual(float(losses.anchor_loss(x, target)), d2.sum() / 4, places=5)
+    self.assertAlmostEqual(float(losses.anchor_loss(x, target, "element_mean")), d2.mean(),
+                           places=5)
+    feats = lambda v: jnp.stack([v[:, 0] + v[:, 1], 2 * v[:, 2]], -1)
+    f2 = np.asarray((feats(x) - feats(target))**2)
+    self.assertAlmostEqual(float(losses.anchor_loss(x, target, features=feats)), f2.sum() / 4,
+                           places=4)
+    chex.assert_trees_all_close(jax.grad(losses.anchor_loss)(x, target), 2 * (x - target) / 4,
+                                rtol=1e-5)
+    chex.assert_trees_all_equal(jax.grad(losses.anchor_loss, 1)(x, target), jnp.zeros_like(x))
+
+
+class GanLossTest(absltest.TestCase):
+  """The non-saturating GAN losses of DMD2 / FastGen on fixed logits."""
+
+  def test_closed_forms(self):
+    lf, lr = jnp.asarray([0.0, 2.0, -1.0]), jnp.asarray([0.0, -3.0, 1.5])
+    sp = lambda v: np.log1p(np.exp(np.asarray(v, np.float64)))
+    self.assertAlmostEqual(float(losses.gan_gen_loss(lf)), sp(-lf).mean(), places=6)
+    self.assertAlmostEqual(float(losses.gan_disc_loss(lf, lr)), sp(lf).mean() + sp(-lr).mean(),
+                           places=6)
+    # At D = 0 both players see log 2 per term; a confident, correct discriminator costs ~0
+    # and its generator pays ~|logit|.
+    self.assertAlmostEqual(float(losses.gan_disc_loss(jnp.zeros(2), jnp.zeros(2))),
+                           2 * np.log(2), places=6)
+    self.assertLess(float(losses.gan_disc_loss(jnp.full(2, -30.0), jnp.full(2, 30.0))), 1e-12)
+    self.assertAlmostEqual(float(losses.gan_gen_loss(jnp.full(2, -30.0))), 30.0, places=5)
+    # Gradients: d/dl softplus(-l) = -sigmoid(-l); d/dl_f = sigmoid(l_f)/n, d/dl_r = -sigmoid(-l_r)/n.
+    sig = lambda v: 1 / (1 + np.exp(-np.asarray(v, np.float64)))
+    chex.assert_trees_all_close(jax.grad(losses.gan_gen_loss)(lf), -sig(-lf) / 3, rtol=1e-5)
+    gf, gr = jax.grad(losses.gan_disc_loss, (0, 1))(lf, lr)
+    chex.assert_trees_all_close((gf, gr), (sig(lf) / 3, -sig(-lr) / 3), rtol=1e-5)
+
+
 class GeneratorDirectionTest(parameterized.TestCase):
   """losses.generator_grad_direction: 'exact' is w_{t|s}(v_T − v_F); 'dmd_normalized' is parallel."""
 

@@ -10,6 +10,7 @@ exact Gaussian-mixture teacher (teachers.gmm_velocity) and the spec's formulas:
 - the fake is v_F(x, t, y) = scale * x + shift[y] (shift has a row for the null label).
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -344,3 +345,99 @@ def test_anchor_target_and_gradient_reach_only_its_step(step):
   if step == 1:
     wrong = -2 * w * (s - t_j) * np.asarray(jnp.mean(x_s - _gaussian_flow(z, 1.0, s), axis=0))
     assert np.max(np.abs(wrong - expected)) > 10 * np.max(np.abs(expected)) * 2e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) The GAN term: what the discriminator sees, what each loss trains
+# ---------------------------------------------------------------------------------------------
+
+REAL_MEAN = 5.0                  # real data far from the generator's x_s = -b
+
+
+def _gan_cfg(source, log, gen_weight=0.0, disc_weight=0.0):
+  """A 1-step plan; fakes are {"score": _fake_params(), "head": {"w"}}; tokens = scale * x
+  (the fake's; the teacher's: x), logits = tokens . w; every features call is recorded."""
+  def features(p, x, t, y):
+    jax.debug.callback(lambda *a: log.append(tuple(np.asarray(v) for v in a)), x, t, y)
+    if isinstance(p, dict):
+      return _fake_value(p, x, y), p["scale"] * x
+    return None, x
+  gan = ts.Gan(gen_weight=gen_weight, disc_weight=disc_weight, source=source,
+               head=lambda p, f: f @ p["w"], features=features)
+  plan = methods.make_plan("dmd", 1, 1, 1.0, t_min=0.05)
+  return _cfg(plan, lambda p, x, t, y: _fake_value(p["score"], x, y),
+              teachers.gmm_teacher(FM, NUM_CLASSES), gan=gan, fake_tx=optax.sgd(1.0))
+
+
+def _gan_state(cfg):
+  fake = {"score": _fake_params(), "head": {"w": jnp.asarray([0.5, -1.0], jnp.float32)}}
+  return ts.create_state(0, fake, 1, cfg.gen_tx, cfg.fake_tx,
+                         expert_init={"b": jnp.asarray([0.3, -0.7], jnp.float32)})
+
+
+@pytest.mark.parametrize("source", ["fake", "teacher"])
+def test_gan_discriminator_sees_real_data_only_in_its_real_branch(source):
+  """fake_step with the GAN term: the source network is evaluated once on the generator's x_t
+  (its labels) and once on real data re-noised at the same t (the real labels): (x - (1-t) x0)/t
+  is N(0, 1) for x0 = REAL_MEAN there and for x0 = x_s = -b in the fake branch. The head's SGD(1)
+  update is -disc_weight (mean sig(l_f) f_fake - mean sig(-l_r) f_real) from the recorded
+  tokens; the score gets the discriminator's gradient only when source = "fake" (DMD2);
+  with "teacher" its update equals the plain step's (FastGen: the head alone)."""
+  log, wd = [], 0.1
+  cfg = _gan_cfg(source, log, disc_weight=wd)
+  state = _gan_state(cfg)
+  y, key = jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(4)
+  real = {"x": jnp.full((B, D), REAL_MEAN), "y": jnp.ones((B,), jnp.int32)}
+  new, metrics = jax.jit(functools.partial(ts.fake_step, cfg, 0))(state, _gmm(), y, key, real)
+  jax.effects_barrier()
+  assert len(log) == 2
+  (x_f, t_f, y_f), (x_r, t_r, y_r) = log
+  np.testing.assert_array_equal(y_f, 0)
+  np.testing.assert_array_equal(y_r, 1)
+  np.testing.assert_array_equal(t_f, t_r)
+  t = t_f[:, None]
+  for x, x0 in ((x_r, REAL_MEAN), (x_f, -np.asarray(state.experts[0]["b"]))):
+    z = (x - (1 - t) * x0) / t
+    assert abs(z.mean()) < 0.3 and abs(z.std() - 1) < 0.3
+  scale = float(_fake_params()["scale"]) if source == "fake" else 1.0
+  w = np.asarray(state.fakes[0]["head"]["w"])
+  f_f, f_r = scale * x_f, scale * x_r
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  grad_w = np.mean(sig(f_f @ w)[:, None] * f_f, 0) - np.mean(sig(-(f_r @ w))[:, None] * f_r, 0)
+  np.testing.assert_allclose(np.asarray(new.fakes[0]["head"]["w"]) - w, -wd * grad_w,
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["d_real"]), np.mean(sig(f_r @ w)), rtol=1e-5)
+  plain = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, disc_weight=0.0))
+  log.clear()
+  ref, _ = jax.jit(functools.partial(ts.fake_step, plain, 0))(state, _gmm(), y, key, real)
+  same = np.allclose(np.asarray(ref.fakes[0]["score"]["scale"]),
+                     np.asarray(new.fakes[0]["score"]["scale"]), rtol=0, atol=0)
+  assert same == (source == "teacher")
+
+
+def test_gan_generator_gradient_flows_through_the_fake_features():
+  """generator_step with the GAN term: features are read once, on the generator's x_t (no real
+  data); the expert's update differs from the plain DMD update by
+  -gen_weight mean_i[sig(-l_i) scale (1 - t_i)] w (x_t = (1-t) x_s + t eps, x_s = -b,
+  l = scale x_t . w): the head's gradient reaches the generator through the frozen fake."""
+  log, gw = [], 0.05
+  cfg = _gan_cfg("fake", log, gen_weight=gw, disc_weight=0.1)
+  state = _gan_state(cfg)
+  y, key = _labels(3), jax.random.PRNGKey(2)
+  new, metrics = jax.jit(functools.partial(ts.generator_step, cfg, 0))(state, _gmm(), y, key)
+  jax.effects_barrier()
+  assert len(log) == 1
+  x_t, t, y_seen = log[0]
+  np.testing.assert_array_equal(y_seen, np.asarray(y))
+  plain = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, gen_weight=0.0))
+  ref, _ = jax.jit(functools.partial(ts.generator_step, plain, 0))(state, _gmm(), y, key)
+  jax.effects_barrier()
+  scale, w = float(_fake_params()["scale"]), np.asarray(state.fakes[0]["head"]["w"])
+  logits = scale * x_t @ w
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  expected = -gw * np.mean(sig(-logits) * scale * (1 - t)) * w
+  delta = np.asarray(new.experts[0]["b"]) - np.asarray(ref.experts[0]["b"])
+  np.testing.assert_allclose(delta, expected, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(metrics["gan_gen_loss"]), np.mean(np.log1p(np.exp(-logits))),
+                             rtol=1e-5)
+  chex.assert_trees_all_equal(new.fakes, state.fakes)        # the generator step trains no fake

@@ -89,17 +89,24 @@ class _Source:
     return {"image": self.images[i], "label": self.labels[i]}
 
 
-def make_iterator(split: str, batch_size: int, seed: int, shard_index: int = 0,
-                  num_shards: int = 1):
-  """An endless, checkpointable grain iterator of {"image": [B, 32, 32, 1], "label": [B]}.
+def dataset(split: str, batch_size: int, seed: int, shard_index: int = 0, num_shards: int = 1):
+  """A random-access grain MapDataset whose element i is batch i of {"image": [B, 32, 32, 1],
+  "label": [B]}, endless.
 
   Shard ``shard_index`` of ``num_shards`` takes records shard_index, shard_index + num_shards,
   ...; each shard is reshuffled every epoch (seed folded with the epoch), and batches run on
   across epoch boundaries (the stream is endless, so no record is ever dropped). No
   augmentation: digits are not flip-invariant, and shifts are the trainer's business.
-  ``it.get_state()`` / ``it.set_state(s)`` resume the exact stream.
+  Batch i is a function of (split, seed, i): distillation reads its real batch by step.
   """
   ds = grain.MapDataset.source(_Source(split))[shard_index::num_shards]
-  ds = ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+  return ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(split: str, batch_size: int, seed: int, shard_index: int = 0,
+                  num_shards: int = 1):
+  """``dataset`` as an endless, checkpointable iterator (``it.get_state()`` /
+  ``it.set_state(s)`` resume the exact stream)."""
+  ds = dataset(split, batch_size, seed, shard_index, num_shards)
   # Records are views into cached arrays: two threads are plenty, and stay in this process.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

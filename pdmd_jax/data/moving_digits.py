@@ -168,16 +168,20 @@ def mnist_source(split: str = "train", num_clips: int = 10_000, seed: int = 0,
   return MovingDigitsSource(digits, labels, num_clips, seed, **clip_kwargs)
 
 
-def make_iterator(split: str, batch_size: int, seed: int, num_clips: int = 1_000_000,
-                  **clip_kwargs):
-  """An endless, checkpointable grain iterator of {"video" [B, T, H, W, 1], "label", "speed"}.
-
-  Clips come from the ``split`` digits of ``pdmd_jax.data.mnist`` (clip i is a pure function of
-  (seed, i), rendered on demand), shuffled and batched by grain; ``it.get_state()`` /
-  ``it.set_state(s)`` resume the exact stream.
-  """
+def dataset(split: str, batch_size: int, seed: int, num_clips: int = 1_000_000, **clip_kwargs):
+  """A random-access grain MapDataset whose element i is batch i of {"video" [B, T, H, W, 1],
+  "label", "speed"}, endless: clips from the ``split`` digits of ``pdmd_jax.data.mnist`` (clip
+  i is a pure function of (seed, i), rendered on demand), shuffled and batched by grain."""
   import grain  # pylint: disable=import-outside-toplevel
   src = mnist_source(split, num_clips=num_clips, seed=seed, **clip_kwargs)
   ds = grain.MapDataset.source(src).shuffle(seed=seed).repeat()
-  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(split: str, batch_size: int, seed: int, num_clips: int = 1_000_000,
+                  **clip_kwargs):
+  """``dataset`` as an endless, checkpointable iterator (``it.get_state()`` /
+  ``it.set_state(s)`` resume the exact stream)."""
+  import grain  # pylint: disable=import-outside-toplevel
+  ds = dataset(split, batch_size, seed, num_clips, **clip_kwargs)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

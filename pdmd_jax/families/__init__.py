@@ -9,7 +9,8 @@ A family is a package ``pdmd_jax/families/<name>/`` with two functions:
       the teacher and the initial trees; ``workdir`` may cache work (the mixture's MLP fit)
 
 and optionally ``has_features(config) -> bool`` (``Family.features`` is set: the ODE anchor
-may use the "features" distance).
+may use the "features" distance) and ``has_gan(config) -> bool`` (``score_features`` and
+``real_data`` are set: the GAN term may run).
 
 ``config.teacher.type`` names the package; ``get(name)`` imports it. Nothing outside a
 family's package branches on family names: the trainer, the AOT planner, the evaluation and
@@ -66,6 +67,14 @@ class Family:
   # teacher_params -> (expert tree -> its full parameters); None: experts are full copies.
   # IDA (fake <- lam fake + (1 - lam) expert) mixes these into the fake.
   expert_merge: Callable | None = None
+  # teacher_params -> (fake tree -> its full parameters); None: fakes are full copies.
+  fake_merge: Callable | None = None
+  # (full params, x, t, y) -> (velocity, tokens [B, *grid, D] after config.gan.layer): the GAN
+  # head's input. None: no GAN term.
+  score_features: Callable | None = None
+  # (batch_size, seed) -> a random-access grain MapDataset whose element i is real batch i,
+  # {"x": [N, *sample_shape] float32, "y": [N] int32} (the GAN's real data). None: data-free.
+  real_data: Callable | None = None
   # x [B, *sample_shape] -> features [B, F] of clean samples (the ODE anchor's "features"
   # distance); None: the family has none.
   features: Callable | None = None

@@ -51,13 +51,13 @@ def adapters(config, apply: Callable, params, axes, *, abstract: bool,
   """Experts and fakes on one teacher parameter tree (``params``, logical ``axes``).
 
   Returns the Family fields expert_init/expert_axes/expert_apply/expert_merge and fake_init/
-  fake_axes/fake_apply: full copies of ``params`` (apply None) or LoRA trees (apply:
+  fake_axes/fake_apply/fake_merge: full copies of ``params`` (apply None) or LoRA trees (apply:
   teacher_params -> the adapted network; merge: teacher_params -> the merged parameters). ``expert_backbone(teacher_params)`` picks the expert's backbone out of
   the teacher's parameters (default: all of them).
   """
   backbone = expert_backbone or (lambda tp: tp)
   out = {"expert_init": params, "expert_axes": axes, "expert_apply": None, "expert_merge": None,
-         "fake_init": params, "fake_axes": axes, "fake_apply": None}
+         "fake_init": params, "fake_axes": axes, "fake_apply": None, "fake_merge": None}
   spec = lora_spec(config.generator)
   if spec is not None:
     out["expert_init"] = lora_init(spec, params, jax.random.PRNGKey(config.seed + 7), abstract)
@@ -70,6 +70,8 @@ def adapters(config, apply: Callable, params, axes, *, abstract: bool,
     out["fake_init"] = lora_init(spec_f, params, jax.random.PRNGKey(config.seed + 11), abstract)
     out["fake_axes"] = None if axes is None else sh.lora_axes(out["fake_init"], axes)
     out["fake_apply"] = lambda tp: lora_lib.apply_on(apply, spec_f, backbone(tp))
+    out["fake_merge"] = lambda tp: lambda lora: lora_lib.merge(
+        spec_f, jax.lax.stop_gradient(backbone(tp)), lora)
   return out
 
 

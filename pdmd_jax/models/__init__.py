@@ -26,6 +26,10 @@ class Functional:
   def apply(self, params, x, t, y):
     return nnx.merge(self.graphdef, nnx.State(params))(x, t, y)
 
+  def apply_features(self, params, x, t, y, layer: int):
+    """(velocity, features after block ``layer`` on the token grid) of a DiT."""
+    return nnx.merge(self.graphdef, nnx.State(params))(x, t, y, features_at=layer)
+
 
 def build(name: str, *, dim: int, num_classes: int, width: int, depth: int, time_dim: int,
           seed: int):

@@ -196,7 +196,9 @@ class DiT(nnx.Module):
       return pos
     return (self.frame_pos[...][:, None, :] + pos[None]).reshape(-1, cfg.hidden)
 
-  def __call__(self, x, t, y):
+  def __call__(self, x, t, y, features_at: int | None = None):
+    """The velocity; with ``features_at`` = i also the tokens after block i (0: the embedded
+    patches), on their grid [B, *grid, hidden] (the GAN head's input; unscanned blocks only)."""
     cfg = self.cfg
     x = sharding.shard_batch(x)
     c = self.t2(jax.nn.silu(self.t1(timestep_embedding(t, cfg.time_dim)))) + self.y_embed(y)
@@ -204,17 +206,25 @@ class DiT(nnx.Module):
     block_fn = (lambda blk, h, c: blk(h, c))
     if cfg.remat:
       block_fn = nnx.remat(block_fn)
+    feats = h
     if cfg.scan_layers:
+      if features_at is not None:
+        raise ValueError("DiT features_at needs unscanned blocks (model.scan_layers=False)")
+
       @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
       def run(blk, h, c):
         return block_fn(blk, h, c)
       h = run(self.blocks, h, c)
     else:
-      for blk in self.blocks:
+      for i, blk in enumerate(self.blocks):
         h = block_fn(blk, h, c)
+        feats = h if i + 1 == features_at else feats
     shift, scale = jnp.split(self.ada_out(jax.nn.silu(c)), 2, -1)
-    h = self.out(modulate(self.norm_out(h), shift, scale))
-    return sharding.shard_batch(self._unpatchify(h).astype(x.dtype))
+    out = self.out(modulate(self.norm_out(h), shift, scale))
+    v = sharding.shard_batch(self._unpatchify(out).astype(x.dtype))
+    if features_at is None:
+      return v
+    return v, feats.reshape((feats.shape[0],) + cfg.grid + (cfg.hidden,))
 
 
 def inflate(image_params, cfg: DiTConfig, video_params):

@@ -51,6 +51,10 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
     V.fail("model.scan_layers", config.model.scan_layers, "False with model.remat=False for a "
            "trained teacher (its weights are unscanned); both may be set with teacher.arch")
   common.validate_lora(config)
+  if config.get("gan") is not None and config.gan.enabled:
+    depth = dit_config(config)[0].depth
+    if config.gan.layer > depth:
+      V.fail("gan.layer", config.gan.layer, f"-1 (the middle block) or a block in 0..{depth}")
 
 
 def has_features(config) -> bool:
@@ -58,6 +62,27 @@ def has_features(config) -> bool:
   "features" distance); moving-digit clips do not."""
   cfg, _ = dit_config(config)
   return tuple(cfg.sample_shape) == (32, 32, 1) and cfg.num_classes == 10
+
+
+def has_gan(config) -> bool:
+  """The GAN term needs real data of the teacher's kind (a trained teacher of digits or clips)
+  and unscanned blocks (its tokens are read after a middle block)."""
+  cfg, card = dit_config(config)
+  return card is not None and not cfg.scan_layers
+
+
+def _real_data(cfg: dit_lib.DiTConfig, card: dict):
+  """(batch_size, seed) -> MapDataset of real batches through the teacher's own data pipeline:
+  the MNIST training digits, or moving-digit clips of them with the card's clip settings."""
+  def make(batch_size: int, seed: int):
+    from pdmd_jax.data import mnist, moving_digits  # pylint: disable=import-outside-toplevel
+    if cfg.video:
+      ds, key = moving_digits.dataset("train", batch_size, seed, **card.get("data", {})), "video"
+    else:
+      ds, key = mnist.dataset("train", batch_size, seed), "image"
+    return ds.map(lambda b: {"x": np.asarray(b[key], np.float32),
+                             "y": np.asarray(b["label"], np.int32)})
+  return make
 
 
 def dit_config(config) -> tuple[dit_lib.DiTConfig, dict | None]:
@@ -83,6 +108,8 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   elif not abstract:
     params = assets.load(t.path or assets.path("mnist_teacher"), params)
   axes = models.logical_axes(cfg)
+  gan = config.get("gan")
+  layer = cfg.depth // 2 if gan is None or gan.layer < 0 else gan.layer
   return families.Family(
       name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale),
       teacher_params=params, teacher_axes=axes, apply=net.apply,
@@ -90,6 +117,9 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
       sample_cond=lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes),
       features=image_metrics.feature_map() if has_features(config) else None,
+      score_features=None if cfg.scan_layers else (
+          lambda p, x, t, y: net.apply_features(p, x, t, y, layer)),
+      real_data=None if card is None else _real_data(cfg, card),
       extras=MappingProxyType({"card": card, "dit_config": cfg}),
       **common.adapters(config, net.apply, params, axes, abstract=abstract))
 
