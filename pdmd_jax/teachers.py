@@ -22,6 +22,7 @@ from pdmd_jax import schedule as S
 from pdmd_jax.data import gmm as gmm_lib
 
 ROUTES = ("switch", "where")
+CFG_NORMS = ("none", "sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Teacher:
 
   apply: (params, x_t [B, ...], t [B], y [B] int) -> velocity; y == null_class is the
     unconditional branch.
+  cfg_norm: "sample" rescales v_guided to the conditional velocity's norm per sample,
+    v_guided ||v(y)|| / ||v_guided|| (the released recipes' CFG norm rescale, LightX2V's
+    ``cfg_norm``, there per latent token; against CFG's over-saturation); "none": plain CFG.
   """
   apply: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
   null_class: int
@@ -37,6 +41,7 @@ class Teacher:
   # y -> the unconditional branch's conditioning; None: the null class label. Text-conditioned
   # teachers pass e.g. the negative-prompt embedding here.
   null_cond: Callable[[Any], Any] | None = None
+  cfg_norm: str = "none"
 
   def unconditional(self, y):
     return jnp.full_like(y, self.null_class) if self.null_cond is None else self.null_cond(y)
@@ -45,8 +50,15 @@ class Teacher:
     v_c = self.apply(params, x_t, t, y)
     if self.guidance_scale != 1.0:
       v_u = self.apply(params, x_t, t, self.unconditional(y))
-      v_c = v_u + self.guidance_scale * (v_c - v_u)
+      v_g = v_u + self.guidance_scale * (v_c - v_u)
+      v_c = v_g if self.cfg_norm == "none" else rescale(v_g, v_c)
     return jax.lax.stop_gradient(v_c)
+
+
+def rescale(v_guided, v_cond, eps: float = 1e-12):
+  """v_guided with each sample's norm set to v_cond's (CFG norm rescale)."""
+  norm = lambda v: jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1).astype(jnp.float32)**2, -1) + eps)
+  return v_guided * S.bcast(norm(v_cond) / norm(v_guided), v_guided).astype(v_guided.dtype)
 
 
 def gmm_posterior(sched: S.Schedule, gmm: gmm_lib.GaussianMixture, x_t, t, y):
@@ -88,9 +100,11 @@ def gmm_teacher(sched: S.Schedule, num_classes: int, guidance_scale: float = 1.0
                  null_class=num_classes, guidance_scale=guidance_scale)
 
 
-def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0) -> Teacher:
+def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0,
+                    cfg_norm: str = "none") -> Teacher:
   """A trained velocity network (e.g. the shipped DiT); its params travel as the argument."""
-  return Teacher(apply=apply, null_class=num_classes, guidance_scale=guidance_scale)
+  return Teacher(apply=apply, null_class=num_classes, guidance_scale=guidance_scale,
+                 cfg_norm=cfg_norm)
 
 
 # ---------------------------------------------------------------------------------------------

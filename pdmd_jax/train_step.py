@@ -320,7 +320,7 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
       stop = jnp.int32(anchor.step)
     t, eps, x_t = _renoise(cfg, phase, x_s, keys)
     v_t = cfg.teacher.velocity(teacher_params, x_t, t, y)
-    total, aux = 0.0, {}
+    aux = {}
     if cfg.gan is None:
       v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y))
     else:   # the same x_t, differentiable: the head's gradient reaches x_s through the features
@@ -328,13 +328,13 @@ def generator_step(cfg: StepConfig, k: int, state: TrainState, teacher_params, y
       v_f, tokens = _gan_features(cfg, teacher_params, fake["score"], x_t_g, t, y)
       v_f = sg(cfg.fakes_apply(teacher_params)(fake, x_t, t, y) if v_f is None else v_f)
       aux["gan_gen_loss"] = losses.gan_gen_loss(cfg.gan.head(fake["head"], tokens))
-      total = cfg.gan.gen_weight * cfg.gan.elements * aux["gan_gen_loss"]
     g = losses.generator_grad_direction(cfg.sched, x_s, phase.boundary, t, x_t, v_t, v_f,
                                         cfg.weighting, cfg.norm_floor)
-    surrogate = losses.generator_loss(x_s, g, cfg.loss_reduction)
+    surrogate = total = losses.generator_loss(x_s, g, cfg.loss_reduction)
     aux.update({"gen_surrogate": surrogate, "t_mean": jnp.mean(t), "stop_index": stop,
                 "dmd_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1)**2, -1)))})
-    total = total + surrogate
+    if cfg.gan is not None:
+      total = total + cfg.gan.gen_weight * cfg.gan.elements * aux["gan_gen_loss"]
     if anchor is not None:
       target = sampling.euler(cfg.teacher, teacher_params, anchor.times, x_in, y)[-1]
       aux["anchor_loss"] = losses.anchor_loss(x_s, target, cfg.loss_reduction, anchor.features)

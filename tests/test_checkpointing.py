@@ -43,7 +43,11 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
   in the wrong layout, and a phase start that differs from the uninterrupted run's.
   """
   config = _config(gmm_config)
+  # Every recipe term the mixture family has (the GAN's resume: test_image_distill, slow).
   config.generator.ema_decay, config.generator.ema_start = 0.5, 1   # the EMA is state too
+  config.generator.loss_reduction = "element_mean"
+  config.anchor.weight, config.anchor.teacher_steps = 0.5, 2
+  config.fake.ida_lambda = 0.97
   dev = jax.devices()[:1]
   a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
   keep = config.copy_and_resolve_references()

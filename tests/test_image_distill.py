@@ -237,11 +237,13 @@ def test_ida_mixes_the_merged_lora_expert_into_the_fake(tiny_teacher):
              for p in lora)                                      # the merge matters
 
 
+@pytest.mark.slow
 def test_resume_with_every_recipe_term_on_is_bit_identical(tiny_teacher, tmp_path):
   """element_mean + ODE anchor + IDA + the GAN head with real digits + EMA: stop at the phase
   boundary (2 of 2 x 2 updates) and after it, resume to the end; every leaf (the heads and their
   moments inside the fake items) equals the uninterrupted run's, bit for bit. The real batch
-  of update i is a function of (seed, i), so a resumed run reads the same digits."""
+  of update i is a function of (seed, i), so a resumed run reads the same digits. (~1 min; the
+  default suite resumes the mixture run with every term but the GAN on: test_checkpointing.)"""
   c = _config(tiny_teacher)
   c.generator.loss_reduction = "element_mean"
   c.generator.ema_decay, c.generator.ema_start = 0.5, 1

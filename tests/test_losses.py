@@ -631,3 +631,23 @@ class DMDGaussianTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class CfgNormTest(absltest.TestCase):
+
+  def test_cfg_norm_rescale(self):
+    """cfg_norm="sample": the guided velocity keeps its direction and takes the conditional
+    velocity's norm per sample; "none" is plain CFG v_u + w (v_c - v_u)."""
+    v_c, v_u = _rand(10, (3, 4, 2)), _rand(11, (3, 4, 2))
+    apply = lambda p, x, t, y: jnp.where(S.bcast(y == 5, x), v_u, v_c)
+    plain = teachers.Teacher(apply=apply, null_class=5, guidance_scale=3.0)
+    normed = teachers.Teacher(apply=apply, null_class=5, guidance_scale=3.0, cfg_norm="sample")
+    x, t, y = jnp.zeros((3, 4, 2)), jnp.full((3,), 0.5), jnp.zeros((3,), jnp.int32)
+    v_g = np.asarray(v_u + 3.0 * (v_c - v_u))
+    chex.assert_trees_all_close(plain.velocity(None, x, t, y), v_g, rtol=1e-6)
+    out = np.asarray(normed.velocity(None, x, t, y)).reshape(3, -1)
+    flat_g, flat_c = v_g.reshape(3, -1), np.asarray(v_c).reshape(3, -1)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(flat_c, axis=1),
+                               rtol=1e-5)
+    cos = np.sum(out * flat_g, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(flat_g, axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-6)

@@ -42,6 +42,8 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
            "and params.safetensors (train one: python main.py --config=configs/mnist_teacher.py "
            "or --config=configs/video_teacher.py --workdir=DIR; it is written to config.out_dir)")
   V.choice(config, "model.name", ("dit",))
+  if V.has(config, "teacher.cfg_norm"):
+    V.choice(config, "teacher.cfg_norm", teachers.CFG_NORMS)
   if V.has(config, "model.attention"):
     V.choice(config, "model.attention", attention.IMPLS)
   for f in ("model.remat", "model.scan_layers"):
@@ -111,7 +113,8 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   gan = config.get("gan")
   layer = cfg.depth // 2 if gan is None or gan.layer < 0 else gan.layer
   return families.Family(
-      name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale),
+      name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale,
+                                                    t.get("cfg_norm", "none")),
       teacher_params=params, teacher_axes=axes, apply=net.apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),

@@ -1,0 +1,254 @@
+"""The released recipes' extra terms, one at a time and combined, at equal budgets.
+
+MNIST (the shipped default: Phased DMD 4-step 2-phase + SGTS, 300 updates): baseline, then one
+term each (loss scale, ODE anchor, IDA, GAN head with real digits, EMA, CFG norm rescale), then
+every term whose gain in FD to the teacher is outside seed noise, combined. The ring (exact
+8-mode mixture): one-step DMD with and without the anchor, Phased DMD 4-phase with and without
+the element-mean loss scale. Video (moving digits, short budget): baseline vs the best MNIST
+combination, optical flow against the teacher's. Every row's runs are cached in their workdir
+(``--workroot``), so an interrupted sweep resumes; tables are rewritten after every run.
+
+  python experiments/recipe_ablation.py --suites=ring,mnist --seeds=0,1,2
+  python experiments/recipe_ablation.py --suites=video --seeds=0,1 --video_steps=100
+
+Writes ``docs/results/recipes.md`` and ``recipes.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pdmd_jax import configs  # noqa: E402
+from pdmd_jax import trainer  # noqa: E402
+from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
+
+_SUITES = flags.DEFINE_list("suites", ["ring", "mnist"], "ring, mnist and/or video.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every row.")
+_MNIST_STEPS = flags.DEFINE_integer("mnist_steps", 300, "Generator updates per MNIST run.")
+_VIDEO_STEPS = flags.DEFINE_integer("video_steps", 100, "Generator updates per video run.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these row ids.")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
+_WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_recipes", "Scratch workdirs (the cache).")
+
+# MNIST: (row id, name, leaf overrides). The recipes' values: LightX2V's anchor weight 0.05 and
+# IDA 0.97, DMD2's GAN weights (generator 3e-3, discriminator 1e-2), an EMA that starts a third
+# into each expert's 150 updates.
+MNIST_TERMS = [
+    ("loss_scale", "+ loss scale (element_mean)", {"generator.loss_reduction": "element_mean"}),
+    ("anchor", "+ ODE anchor (0.05, MSE)", {"anchor.weight": 0.05}),
+    ("ida", "+ IDA (0.97)", {"fake.ida_lambda": 0.97}),
+    ("gan", "+ GAN head (3e-3 / 1e-2, real digits)", {"gan.enabled": True}),
+    ("ema", "+ EMA (0.95 from update 50)", {"generator.ema_decay": 0.95,
+                                            "generator.ema_start": 50}),
+    ("cfg_norm", "+ CFG norm rescale", {"teacher.cfg_norm": "sample"}),
+]
+MNIST_METRICS = [("accuracy", "class acc."), ("fd_real", "FD real"),
+                 ("fd_reference", "FD teacher"), ("feature_cosine", "feat. cosine"),
+                 ("pixel_l2", "pixel L2"), ("saturation", "saturation")]
+RING_ROWS = [
+    ("dmd", "dmd (1 step)", "method=dmd", {}),
+    ("dmd_anchor", "dmd (1 step) + ODE anchor (0.5, MSE)", "method=dmd", {"anchor.weight": 0.5}),
+    ("phased", "phased_dmd (4-step 4-phase)", "method=phased_dmd,steps=4", {}),
+    ("phased_loss_scale", "phased_dmd (4-step 4-phase) + loss scale (element_mean)",
+     "method=phased_dmd,steps=4", {"generator.loss_reduction": "element_mean"}),
+]
+RING_METRICS = [("modes_covered", "modes covered"), ("weight_error_max", "weight err (max)"),
+                ("std_ratio", "std ratio"), ("sliced_wasserstein", "SW to exact")]
+VIDEO_METRICS = [("accuracy", "class acc."), ("fd_reference", "FD teacher"),
+                 ("flow_ratio", "flow / teacher's"), ("dynamic_degree", "dynamic degree"),
+                 ("saturation", "saturation")]
+
+
+def _set(config, key, value):
+  node = config
+  *path, leaf = key.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+
+
+def run_one(suite, row_id, spec, overrides, seed, steps=None):
+  """One cached run: metrics.json of ``<workroot>/<suite>/<row>_s<seed>``."""
+  config = configs.load(f"{spec},seed={seed}" if ":" in spec else f"{spec}:seed={seed}")
+  if steps:
+    config.train.num_steps = steps
+  config.train.ckpt_every = config.train.num_steps
+  for k, v in overrides.items():
+    _set(config, k, v)
+  workdir = os.path.join(_WORK.value, suite, f"{row_id}_s{seed}")
+  done = os.path.join(workdir, "metrics.json")
+  if os.path.exists(done):
+    return json.load(open(done))
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  shared = os.path.join(_WORK.value, suite, "shared")    # the teacher's reference / MLP fit
+  if os.path.isdir(shared):
+    for f in os.listdir(shared):
+      src = os.path.join(shared, f)
+      (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(workdir, f))
+  t0 = time.time()
+  out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  out["wall_s"] = time.time() - t0
+  out["overrides"] = overrides
+  os.makedirs(shared, exist_ok=True)
+  for f in os.listdir(workdir):
+    if f.startswith("teacher_samples") and not os.path.exists(os.path.join(shared, f)):
+      shutil.copy(os.path.join(workdir, f), shared)
+  json.dump(out, open(done, "w"), indent=1, default=float)
+  print(f"{suite}/{row_id} seed {seed}: {out['wall_s']:.0f} s", flush=True)
+  return out
+
+
+def _mean_std(runs, key):
+  v = np.asarray([r[key] for r in runs], np.float64)
+  return float(v.mean()), float(v.std())
+
+
+def best_terms(results) -> list[str]:
+  """Terms whose mean FD to the teacher beats the baseline's by more than the two rows' seed
+  stds together (lower is better)."""
+  base = results.get("baseline")
+  if not base:
+    return []
+  mb, sb = _mean_std(base, "student/fd_reference")
+  out = []
+  for row_id, _, _ in MNIST_TERMS:
+    runs = results.get(row_id)
+    if runs and len(runs) == len(base):
+      m, s = _mean_std(runs, "student/fd_reference")
+      if mb - m > sb + s:
+        out.append(row_id)
+  return out
+
+
+def mnist_suite(seeds, tables):
+  results = {}
+  rows = [("baseline", "baseline: Phased DMD 4-step 2-phase + SGTS (the default)", {})]
+  rows += MNIST_TERMS
+  names = dict((r, n) for r, n, _ in rows)
+  for seed in seeds:      # every row at seed 0 first: a partial sweep still compares terms
+    for row_id, _, overrides in rows:
+      if _ONLY.value and row_id not in _ONLY.value:
+        continue
+      out = run_one("mnist", row_id, "configs/mnist.py", overrides, seed, _MNIST_STEPS.value)
+      results.setdefault(row_id, []).append(out)
+      tables["mnist"] = (results, names)
+      write(tables)
+  best = best_terms(results)
+  if best and (not _ONLY.value or "best" in _ONLY.value):
+    overrides = {k: v for r, _, o in MNIST_TERMS if r in best for k, v in o.items()}
+    names["best"] = "best combination: " + " + ".join(best)
+    for seed in seeds:
+      results.setdefault("best", []).append(
+          run_one("mnist", "best_" + "_".join(best), "configs/mnist.py", overrides, seed,
+                  _MNIST_STEPS.value))
+      write(tables)
+  return best
+
+
+def ring_suite(seeds, tables):
+  results, names = {}, {}
+  for row_id, name, variant, overrides in RING_ROWS:
+    if _ONLY.value and row_id not in _ONLY.value:
+      continue
+    names[row_id] = name
+    for seed in seeds:
+      results.setdefault(row_id, []).append(
+          run_one("ring", row_id, f"configs/gmm.py:{variant}", overrides, seed))
+      tables["ring"] = (results, names)
+      write(tables)
+
+
+def video_suite(seeds, tables, best):
+  results, names = {}, {"baseline": "baseline: Phased DMD 4-step 2-phase + SGTS"}
+  overrides = {k: v for r, _, o in MNIST_TERMS if r in best for k, v in o.items()}
+  rows = [("baseline", {})]
+  if best:
+    names["best"] = "best MNIST combination: " + " + ".join(best)
+    rows.append(("best", overrides))
+  for row_id, o in rows:
+    for seed in seeds:
+      results.setdefault(row_id, []).append(
+          run_one("video", row_id, "configs/video.py", o, seed, _VIDEO_STEPS.value))
+      tables["video"] = (results, names)
+      write(tables)
+
+
+def _rows(results, names, metrics, extra=()):
+  out = []
+  for row_id, runs in results.items():
+    row = {"row": names[row_id], "seeds": len(runs)}
+    for key, label in metrics:
+      vals = [r.get(f"student/{key}", r.get(key)) for r in runs]
+      if all(v is not None for v in vals):
+        row[label] = vals
+    for key, label in extra:
+      vals = [r.get(key) for r in runs]
+      if all(v is not None for v in vals):
+        row[label] = vals
+    out.append(row)
+  return out
+
+
+def write(tables):
+  os.makedirs(_OUT.value, exist_ok=True)
+  parts = ["# The released recipes' terms, measured (`experiments/recipe_ablation.py`)\n\n"
+           "mean ± std over seeds at equal budgets; every term is a config switch "
+           "(README, \"Terms of the released recipes\").\n"]
+  if "mnist" in tables:
+    results, names = tables["mnist"]
+    cols = (["row", "seeds"] + [label for _, label in MNIST_METRICS] + ["clipped steps"])
+    parts.append(f"\n## MNIST DiT teacher, {_MNIST_STEPS.value} generator updates\n\n"
+                 "Metrics as in [mnist.md](mnist.md) (500 samples from the same noise and "
+                 "labels; FD to the teacher's 32-step samples; saturation = fraction of pixels "
+                 "outside [-1, 1], the teacher's: 0.0065). clipped steps: fraction of generator "
+                 "updates whose gradient norm exceeded generator.grad_clip = 1.\n\n")
+    parts.append(gmm_metrics.markdown_table(
+        _rows(results, names, MNIST_METRICS, [("gen_clipped_fraction", "clipped steps")]), cols))
+  if "ring" in tables:
+    results, names = tables["ring"]
+    cols = ["row", "seeds"] + [label for _, label in RING_METRICS]
+    parts.append("\n## Exact 8-mode ring, 2000 generator updates\n\n"
+                 "As in [gmm_ring.md](gmm_ring.md): modes covered, the worst mode-weight error, "
+                 "intra-mode std / true std, sliced Wasserstein distance to the exact mixture.\n\n")
+    parts.append(gmm_metrics.markdown_table(_rows(results, names, RING_METRICS), cols))
+  if "video" in tables:
+    results, names = tables["video"]
+    cols = ["row", "seeds"] + [label for _, label in VIDEO_METRICS]
+    parts.append(f"\n## Moving digits, {_VIDEO_STEPS.value} generator updates\n\n")
+    parts.append(gmm_metrics.markdown_table(_rows(results, names, VIDEO_METRICS), cols))
+  with open(os.path.join(_OUT.value, "recipes.md"), "w") as f:
+    f.write("".join(parts))
+  with open(os.path.join(_OUT.value, "recipes.json"), "w") as f:
+    json.dump({s: r for s, (r, _) in tables.items()}, f, indent=1, default=float)
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  seeds = [int(s) for s in _SEEDS.value]
+  tables = {}
+  best = []
+  if "ring" in _SUITES.value:
+    ring_suite(seeds, tables)
+  if "mnist" in _SUITES.value:
+    best = mnist_suite(seeds, tables)
+  if "video" in _SUITES.value:
+    video_suite(seeds, tables, best)
+
+
+if __name__ == "__main__":
+  app.run(main)
