@@ -41,6 +41,7 @@ _VIDEO_STEPS = flags.DEFINE_integer("video_steps", 100, "Generator updates per v
 _ONLY = flags.DEFINE_list("only", [], "Run only these row ids.")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_recipes", "Scratch workdirs (the cache).")
+_CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only (run nothing).")
 
 # MNIST: (row id, name, leaf overrides). The recipes' values: LightX2V's anchor weight 0.05 and
 # IDA 0.97, DMD2's GAN weights (generator 3e-3, discriminator 1e-2), an EMA that starts a third
@@ -91,6 +92,8 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   done = os.path.join(workdir, "metrics.json")
   if os.path.exists(done):
     return json.load(open(done))
+  if _CACHED.value:
+    return None
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   shared = os.path.join(_WORK.value, suite, "shared")    # the teacher's reference / MLP fit
@@ -143,7 +146,8 @@ def mnist_suite(seeds, tables):
       if _ONLY.value and row_id not in _ONLY.value:
         continue
       out = run_one("mnist", row_id, "configs/mnist.py", overrides, seed, _MNIST_STEPS.value)
-      results.setdefault(row_id, []).append(out)
+      if out is not None:
+        results.setdefault(row_id, []).append(out)
       tables["mnist"] = (results, names)
       write(tables)
   best = best_terms(results)
@@ -151,9 +155,10 @@ def mnist_suite(seeds, tables):
     overrides = {k: v for r, _, o in MNIST_TERMS if r in best for k, v in o.items()}
     names["best"] = "best combination: " + " + ".join(best)
     for seed in seeds:
-      results.setdefault("best", []).append(
-          run_one("mnist", "best_" + "_".join(best), "configs/mnist.py", overrides, seed,
-                  _MNIST_STEPS.value))
+      out = run_one("mnist", "best_" + "_".join(best), "configs/mnist.py", overrides, seed,
+                    _MNIST_STEPS.value)
+      if out is not None:
+        results.setdefault("best", []).append(out)
       write(tables)
   return best
 
@@ -165,8 +170,9 @@ def ring_suite(seeds, tables):
       continue
     names[row_id] = name
     for seed in seeds:
-      results.setdefault(row_id, []).append(
-          run_one("ring", row_id, f"configs/gmm.py:{variant}", overrides, seed))
+      out = run_one("ring", row_id, f"configs/gmm.py:{variant}", overrides, seed)
+      if out is not None:
+        results.setdefault(row_id, []).append(out)
       tables["ring"] = (results, names)
       write(tables)
 
@@ -180,8 +186,9 @@ def video_suite(seeds, tables, best):
     rows.append(("best", overrides))
   for row_id, o in rows:
     for seed in seeds:
-      results.setdefault(row_id, []).append(
-          run_one("video", row_id, "configs/video.py", o, seed, _VIDEO_STEPS.value))
+      out = run_one("video", row_id, "configs/video.py", o, seed, _VIDEO_STEPS.value)
+      if out is not None:
+        results.setdefault(row_id, []).append(out)
       tables["video"] = (results, names)
       write(tables)
 
@@ -216,19 +223,20 @@ def write(tables):
                  "outside [-1, 1], the teacher's: 0.0065). clipped steps: fraction of generator "
                  "updates whose gradient norm exceeded generator.grad_clip = 1.\n\n")
     parts.append(gmm_metrics.markdown_table(
-        _rows(results, names, MNIST_METRICS, [("gen_clipped_fraction", "clipped steps")]), cols))
+        _rows(results, names, MNIST_METRICS, [("gen_clipped_fraction", "clipped steps")]), cols)
+        + "\n")
   if "ring" in tables:
     results, names = tables["ring"]
     cols = ["row", "seeds"] + [label for _, label in RING_METRICS]
     parts.append("\n## Exact 8-mode ring, 2000 generator updates\n\n"
                  "As in [gmm_ring.md](gmm_ring.md): modes covered, the worst mode-weight error, "
                  "intra-mode std / true std, sliced Wasserstein distance to the exact mixture.\n\n")
-    parts.append(gmm_metrics.markdown_table(_rows(results, names, RING_METRICS), cols))
+    parts.append(gmm_metrics.markdown_table(_rows(results, names, RING_METRICS), cols) + "\n")
   if "video" in tables:
     results, names = tables["video"]
     cols = ["row", "seeds"] + [label for _, label in VIDEO_METRICS]
     parts.append(f"\n## Moving digits, {_VIDEO_STEPS.value} generator updates\n\n")
-    parts.append(gmm_metrics.markdown_table(_rows(results, names, VIDEO_METRICS), cols))
+    parts.append(gmm_metrics.markdown_table(_rows(results, names, VIDEO_METRICS), cols) + "\n")
   with open(os.path.join(_OUT.value, "recipes.md"), "w") as f:
     f.write("".join(parts))
   with open(os.path.join(_OUT.value, "recipes.json"), "w") as f:
