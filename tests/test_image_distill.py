@@ -203,6 +203,7 @@ def test_loss_reduction_sets_the_units_of_the_clip(tiny_teacher):
   assert float(out["element_mean"]["gen_clipped"]) == 0.0
 
 
+@pytest.mark.slow   # ~28 s; the default suite checks IDA on full copies (test_train_step)
 def test_ida_mixes_the_merged_lora_expert_into_the_fake(tiny_teacher):
   """IDA after the generator update: fake <- lam fake + (1 - lam) (W + (alpha / r) A B) for the
   LoRA-adapted kernels, lam fake + (1 - lam) W elsewhere, W the teacher's. The same step without
