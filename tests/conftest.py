@@ -15,6 +15,23 @@ import pytest  # noqa: E402
 # sharding, end-to-end) share them through a per-session persistent cache.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="pdmd_jax_xla_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The suite is compile-bound (tiny networks, many programs): XLA without its heavy passes compiles
+# ~40% faster and runs the same math (tests compare programs compiled the same way, or against
+# references with float32 tolerances). Tests that execute more than they compile opt back in
+# with @pytest.mark.xla_optimized.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized(request):
+  """@pytest.mark.xla_optimized: this test compiles with XLA's full optimisations."""
+  if request.node.get_closest_marker("xla_optimized") is None:
+    yield
+    return
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

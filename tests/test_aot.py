@@ -31,13 +31,6 @@ def test_matmul_flops_count_scans_by_length():
   assert plan.matmul_flops(g, w[0])[0] == 2 * one   # x^T dy (dx is not needed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def test_abstract_phase_step_compiles_on_a_mesh():
   """Abstract DiT step on (fsdp 4 x tensor 2): memory, FLOPs and the largest arrays' specs."""
   cfg = dit.config_for("tiny", image_size=8, patch=4, hidden=16, depth=1, heads=2, time_dim=32,

@@ -11,14 +11,6 @@ import pytest
 from pdmd_jax import trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA's CPU compiles dominate this file; the compared runs compile the same way."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def _config(gmm_config):
   config = gmm_config("method=phased_dmd_sgts,steps=4,phases=2,runlocal")
   config.init_fit.steps = 20

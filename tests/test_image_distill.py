@@ -25,14 +25,6 @@ def _mnist_config(arg="runlocal"):
   return configs.load(f"configs/mnist.py:{arg}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA's CPU compiles dominate this file (tiny networks); compared runs compile the same way."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
   """A tiny random (non-zero) DiT saved as a teacher asset."""

@@ -29,15 +29,6 @@ B = 8
 PHASE = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA's CPU compiles dominate this file; unoptimised programs compile ~40% faster and the
-  partitioning under test is the same (the reference runs the same way)."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def _asm(mesh_sizes=None, abstract=False):
   sizes = {"data": 1, "fsdp": 1, "tensor": 1, "context": 1, **(mesh_sizes or {})}
   n = int(np.prod(list(sizes.values())))

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(
     reason="the shipped teacher asset is missing")
 
 
+@pytest.mark.xla_optimized     # 500 guided 8-step samples: execution-bound
 def test_teacher_loads_and_reproduces_its_check_metrics():
   cfg, net, params, card = teacher_training.load_teacher()
   assert sum(p.size for p in jax.tree.leaves(params)) == card["num_params"]

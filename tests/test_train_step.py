@@ -14,14 +14,6 @@ from pdmd_jax import trainer
 from pdmd_jax import train_step as ts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """XLA's CPU compiles dominate this file; the compared runs compile the same way."""
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
-
 def _run(gmm_config, variant, devices=None, mesh=(-1, 1)):
   config = gmm_config(variant)
   config.init_fit.steps = 20

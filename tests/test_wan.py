@@ -15,15 +15,6 @@ from pdmd_jax.models import wan
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests compare programs with each other, not with a reference: skip XLA's heavy passes."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def _random_params(cfg, seed=0):
   """N(0, 0.1) leaves (norm scales 1 + N(0, 0.1)) on the abstract tree: no module init."""
   rng = np.random.default_rng(seed)

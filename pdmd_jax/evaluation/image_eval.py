@@ -28,8 +28,10 @@ GRID_SEEDS = 8
 
 
 def _batches(fn, z, y, batch: int):
-  """fn(z_b, y_b) over fixed-size batches (padded), numpy output concatenated."""
+  """fn(z_b, y_b) over fixed-size batches (the last one padded; never larger than z), numpy
+  output concatenated."""
   n = z.shape[0]
+  batch = min(batch, n)
   out = []
   for i in range(0, n, batch):
     zb, yb = z[i:i + batch], y[i:i + batch]
