@@ -52,7 +52,10 @@ def main(argv):
     teacher_training.train_teacher(config, workdir)
     return
   if _MODE.value == "train":
-    trainer.train_and_evaluate(config, workdir)
+    out = trainer.train_and_evaluate(config, workdir)
+    if out.get("preempted"):     # SIGTERM / SIGINT: the step in flight was saved; exit 0
+      print(f"Preempted ({out['preempted']}) at step {out['stopped_at_step']}: checkpoint "
+            f"saved under {workdir}; the same command resumes.", file=sys.stderr)
   elif _MODE.value == "sample":
     print(f"Wrote {trainer.sample_to_npz(config, workdir)}")
   else:

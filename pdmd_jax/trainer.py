@@ -5,8 +5,10 @@ config and shardings; the AOT planner compiles the same program). The loop dispa
 ahead-of-time compiled phase step per phase (compiled once, state donated, explicit
 shardings) and reads each step's metrics one step late, so the host never stalls the device;
 a non-finite metric stops the run naming the step and the metric, before any later
-checkpoint can be written. Nothing here knows a teacher family: evaluation is the module the
-family names.
+checkpoint can be written. SIGTERM (what schedulers and TPU maintenance send) and SIGINT end
+the run cleanly: the step in flight finishes, is checkpointed, and the loop returns naming it
+(rerunning the same command resumes). Nothing here knows a teacher family: evaluation is the
+module the family names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -147,8 +151,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
     from pdmd_jax import health  # pylint: disable=import-outside-toplevel
     monitor = health.HealthMonitor(run, seeds=h.seeds, min_fraction=h.min_fraction)
   stopped_early = ""
+  stop_signal = _StopSignals()
   reals = run.asm.real_batches(step)    # GAN term: real data of updates step, step + 1, ...
   try:
+    stop_signal.install()
     while step < end:
       k = run.phase_of(step)
       if bar is None or (run.plan.order == "progressive" and step % run.steps_per_phase == 0):
@@ -193,14 +199,24 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
           stopped_early = report["collapsed"]
           say(f"Stopped early at step {step}: collapse against the teacher ({stopped_early}).")
           break
+      if stop_signal.received:
+        if not saved:
+          _drain(pending, writer, tally, config.train.log_every)
+          ckpt.save(state, config.to_dict(), {"phase": k})
+        say(f"{stop_signal.received} received: stopped at step {step} after saving its "
+            f"checkpoint; rerun the same command to resume.")
+        break
       if phase_end and evaluate_phases and step < total:
         results[f"phase_{k + 1}"] = evaluate(run, state, workdir, tag=f"phase{k + 1}", verbose=False)
     _drain(pending, writer, tally, config.train.log_every)
   finally:
+    stop_signal.restore()
     if bar is not None:
       bar.close()
-    ckpt.close()
+    ckpt.close()      # waits for the last (async) save to commit
     writer.close()
+  if stop_signal.received:
+    return {"stopped_at_step": step, "preempted": stop_signal.received}
   if stopped_early:
     return {"stopped_at_step": step, "stopped_early": stopped_early}
   if step < total or not final_eval:
@@ -214,6 +230,35 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   final["phases"] = results
   _write_json(os.path.join(workdir, "metrics.json"), final)
   return final
+
+
+class _StopSignals:
+  """SIGTERM and SIGINT set ``received`` (the signal's name) for the loop to act on after the step
+  in flight; a second one acts as it would without this handler (SIGINT: KeyboardInterrupt).
+  Handlers can only be installed from the main thread; elsewhere this does nothing."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = ""
+    self._old = {}
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+  def restore(self):
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received:
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
 
 
 class NonFiniteError(FloatingPointError):

@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import signal
 
 import chex
 import jax
@@ -25,10 +26,10 @@ def _saved_steps(workdir):
   return sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
 
 
-def test_resume_is_bit_identical(gmm_config, tmp_path):
-  """Stop exactly at the phase boundary (step 4 of 2 x 4), resume, stop at 5 (phase 2, frozen
-  expert 0 read back from checkpoints_frozen), resume to 8: every leaf equals the uninterrupted
-  run's, bit for bit.
+def test_resume_is_bit_identical(gmm_config, tmp_path, monkeypatch):
+  """Stop exactly at the phase boundary (step 4 of 2 x 4), resume, preempt with SIGTERM at 5
+  (phase 2, frozen expert 0 read back from checkpoints_frozen), resume to 8: every leaf equals
+  the uninterrupted run's, bit for bit.
 
   Catches: randomness that depends on history rather than (rng, step), optimizer state or the
   rng not saved/restored, dtype changes across a save/restore, a resume from the wrong step or
@@ -48,10 +49,25 @@ def test_resume_is_bit_identical(gmm_config, tmp_path):
                              verbose=False)
   assert sorted(os.listdir(os.path.join(a, "checkpoints_frozen"))) == ["ema_0", "expert_0",
                                                                        "fake_0"]
-  for stop in (4, 5):
-    out = trainer.train_and_evaluate(config, b, devices=dev, stop_at_step=stop, final_eval=False,
-                                     evaluate_phases=False, verbose=False)
-    assert out == {"stopped_at_step": stop}
+  out = trainer.train_and_evaluate(config, b, devices=dev, stop_at_step=4, final_eval=False,
+                                   evaluate_phases=False, verbose=False)
+  assert out == {"stopped_at_step": 4}
+  # Preemption: SIGTERM arrives while update 5 (step 4 -> 5) is being dispatched; that update
+  # finishes, is saved (5 is no regular checkpoint step) and the run returns naming it.
+  batch_for_step = trainer.batch_for_step
+
+  def sigterm_at_4(run, step, *a):
+    if step == 4:
+      signal.raise_signal(signal.SIGTERM)
+    return batch_for_step(run, step, *a)
+
+  monkeypatch.setattr(trainer, "batch_for_step", sigterm_at_4)
+  handler = signal.getsignal(signal.SIGTERM)
+  out = trainer.train_and_evaluate(config, b, devices=dev, final_eval=False,
+                                   evaluate_phases=False, verbose=False)
+  monkeypatch.setattr(trainer, "batch_for_step", batch_for_step)
+  assert out == {"stopped_at_step": 5, "preempted": "SIGTERM"}
+  assert signal.getsignal(signal.SIGTERM) is handler       # the run's handler is removed again
   assert _saved_steps(b) == [2, 4, 5]          # ckpt_every = 2, each phase end, the stops
   # Phase 1's checkpoints hold phase 1's trees; from the boundary on, only phase 2's (expert 0
   # is frozen and written once, outside the step directories).

@@ -124,15 +124,19 @@ def tiny(**overrides) -> WanConfig:
 # ----------------------------------------------------------------------------- embeddings
 
 
-def timestep_embedding(timestep, dim: int, max_period: float = 10_000.0):
+def timestep_embedding(timestep, dim: int, max_period: float = 10_000.0, scale: float = 1.0):
   """diffusers Timesteps(flip_sin_to_cos=True, shift=0): [cos(s w), sin(s w)], w_k = P^(-k/half).
 
   The frequencies are fp64-computed constants rounded to fp32 (they match torch's fp32 exp
   more often than XLA's exp, which matters: an ulp of w is 6e-5 in the phase at s = 1000).
+  ``scale`` is Timesteps(scale=...): the phase is (s w) * scale in that order, as diffusers
+  rounds it (Qwen-Image embeds sigma with scale 1000).
   """
   half = dim // 2
   freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)
   args = timestep.astype(F32)[:, None] * jnp.asarray(freqs, F32)[None]
+  if scale != 1.0:
+    args = scale * args
   emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
@@ -194,10 +198,11 @@ def _layer_norm(dim, eps, rngs, affine=False, name="embed"):
                        bias_init=_init(nnx.initializers.zeros_init(), (name,)), rngs=rngs)
 
 
-def _rms_norm(dim, cfg, rngs):
-  """RMS norm over all heads at once (qk_norm="rms_norm_across_heads"), computed in fp32."""
+def _rms_norm(dim, cfg, rngs, name="heads"):
+  """RMS norm over the last axis computed in fp32 (Wan: over all heads at once,
+  qk_norm="rms_norm_across_heads"); ``name``: the logical axis of its weight."""
   return nnx.RMSNorm(dim, epsilon=cfg.eps, dtype=F32, param_dtype=cfg.param_dtype,
-                     scale_init=_init(nnx.initializers.ones_init(), ("heads",)), rngs=rngs)
+                     scale_init=_init(nnx.initializers.ones_init(), (name,)), rngs=rngs)
 
 
 def _table(n, dim, rngs):
