@@ -3,7 +3,8 @@
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm            # train (resumes)
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=sample
   python main.py --config=configs/gmm.py --workdir=/tmp/pdmd_gmm --mode=eval
-  python main.py --distributed ...     # multi-host: jax.distributed.initialize() first
+  python main.py --distributed ...     # one process of a multi-process run (docs/distributed.md)
+  python -m pdmd_jax.launch --num_processes=2 --cpu_devices=4 -- main.py ...   # N local ones
 """
 
 import os
@@ -14,8 +15,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from pdmd_jax import validation
+from pdmd_jax import distributed
 from pdmd_jax import trainer
+from pdmd_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:variant]).",
                                           lock_config=True)
@@ -24,8 +26,16 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                           "train: distil (resuming from workdir); sample: write samples of the "
                           "latest checkpoint to .npz; eval: metrics of the latest checkpoint.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host TPU pod "
-                                 "slices and GPU clusters; one process per host).")
+                                 "Join a multi-process run first (jax.distributed: TPU pod "
+                                 "slices, GPU clusters, N local processes; one process per host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of "
+                                   "process 0 (default $JAX_COORDINATOR_ADDRESS, else detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "--distributed: process count (default $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "--distributed: this process (default $JAX_PROCESS_ID).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300,
+                                "--distributed: seconds to wait for the coordinator.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +43,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _TIMEOUT.value)
+    except (ValueError, RuntimeError) as e:
+      print(f"Distributed start-up error: {e}", file=sys.stderr)
+      sys.exit(2)
   # XLA's CPU compiles are slow (seconds per phase step); a persistent cache makes resumed
   # and repeated runs start at once. PDMD_JAX_CACHE="" disables it.
   cache = os.environ.get("PDMD_JAX_CACHE", os.path.expanduser("~/.cache/pdmd_jax/xla"))

@@ -75,14 +75,14 @@ def run_one(name, variant, overrides, steps, dataset, seed):
     return json.load(open(os.path.join(workdir, "metrics.json"))), workdir
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
-  fit = os.path.join(_WORK.value, dataset, f"teacher_fit_s{seed}")   # shared by all methods
+  fit = os.path.join(_WORK.value, dataset, f"teacher_fit_s{seed}.msgpack")   # shared by all methods
   if os.path.exists(fit):
-    shutil.copytree(fit, os.path.join(workdir, "teacher_fit"))
+    shutil.copy(fit, os.path.join(workdir, "teacher_fit.msgpack"))
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
   out["wall_s"] = time.time() - t0
   if not os.path.exists(fit):
-    shutil.copytree(os.path.join(workdir, "teacher_fit"), fit)
+    shutil.copy(os.path.join(workdir, "teacher_fit.msgpack"), fit)
   json.dump(out, open(os.path.join(workdir, "metrics.json"), "w"), indent=1, default=float)
   return out, workdir
 

@@ -125,6 +125,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   """
   os.makedirs(workdir, exist_ok=True)
   run = build(config, workdir, devices)
+  verbose = verbose and jax.process_index() == 0     # one progress bar and log: process 0
   say = print if verbose else (lambda *a, **k: None)
   say(run.plan.describe())
   ckpt = checkpointing.Checkpointer(workdir, run.plan.num_phases, config.train.max_to_keep)
@@ -286,8 +287,19 @@ def _drain(pending: collections.deque, writer, tally, log_every: int, leave: int
 
 
 def _writer(workdir):
+  """TensorBoard scalars (process 0; the others write nothing)."""
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    return _NoWriter()
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+class _NoWriter:
+  def add_scalar(self, *args, **kwargs):
+    pass
+
+  def close(self):
+    pass
 
 
 # ============================================================================================
@@ -304,6 +316,8 @@ def evaluate(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = 
 
 
 def _write_json(path, obj):
+  if jax.process_index() != 0:     # multi-process: process 0 writes
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, default=float)
@@ -337,6 +351,8 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
                                                           z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
   labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices
+  if jax.process_index() != 0:
+    return out_path
   np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(labels),
            trajectory=np.stack([np.asarray(x) for x in traj]), grid=np.asarray(run.plan.grid),
            step=int(state.step))

@@ -73,7 +73,7 @@ def test_bad_input_names_field(gmm_config, overrides, message, tmp_path):
   # The trainer validates first: nothing is fitted, compiled or written.
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, str(tmp_path / "w"), verbose=False)
-  assert not os.path.exists(tmp_path / "w" / "teacher_fit")
+  assert not os.path.exists(tmp_path / "w" / "teacher_fit.msgpack")
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 

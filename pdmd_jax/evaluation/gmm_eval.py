@@ -48,7 +48,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
     out[f"boundary_{p.index + 1}/teacher_dist"] = d_t
     out[f"boundary_{p.index + 1}/ratio"] = d_s / d_t
   out["step"] = int(jax.device_get(state.step))
-  if workdir:
+  if workdir and jax.process_index() == 0:    # multi-process: process 0 writes
     _plot(run, student, teacher, exact, os.path.join(workdir, f"samples_{tag}.png"))
     with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
       f.write(metrics_markdown(out))

@@ -70,7 +70,7 @@ def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
       run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
       shift_value=c.shift)[-1])
   x = _batches(lambda z, y: fn(run.teacher_params, z, y), z, labels, batch)
-  if path:
+  if path and jax.process_index() == 0:       # multi-process: process 0 writes
     np.save(path + ".tmp.npy", x)
     os.replace(path + ".tmp.npy", path)
   return x
@@ -104,7 +104,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   out = {f"student/{k}": float(v) for k, v in student_rep.items()}
   out.update({f"teacher/{k}": float(v) for k, v in teacher_rep.items()})
   out["step"] = int(jax.device_get(state.step))
-  if workdir:
+  if workdir and jax.process_index() == 0:
     save_samples(run, student, os.path.join(workdir, f"samples_{tag}"))
     if video(run):   # the clips themselves, for side-by-side strips (experiments/video_motion.py)
       np.save(os.path.join(workdir, f"samples_{tag}.npy"), student[:40].astype(np.float16))

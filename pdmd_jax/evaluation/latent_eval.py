@@ -74,7 +74,7 @@ def teacher_latents(run, z, y, workdir: str | None):
     return list(np.load(path))
   _, fn = _fns(run)
   traj = _batched(lambda z, y: fn(run.teacher_params, z, y), z, y, c.eval.batch_size)
-  if path:
+  if path and jax.process_index() == 0:       # multi-process: process 0 writes
     np.save(path + ".tmp.npy", np.stack(traj))
     os.replace(path + ".tmp.npy", path)
   return traj
@@ -156,7 +156,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   out = report(student, teacher, run.plan)
   out["step"] = int(jax.device_get(state.step))
   index = np.asarray(y["index"]) if isinstance(y, dict) and "index" in y else np.zeros(0)
-  if workdir:
+  if workdir and jax.process_index() == 0:
     np.savez(os.path.join(workdir, f"latents_{tag}.npz"), student=np.asarray(student[-1]),
              teacher=np.asarray(teacher[-1]), trajectory=np.stack([np.asarray(x) for x in student]),
              prompt_index=index, grid=np.asarray(run.plan.grid), step=out["step"])

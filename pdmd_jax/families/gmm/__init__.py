@@ -13,8 +13,8 @@ import os
 import time
 from types import MappingProxyType
 
+import flax
 import jax
-import orbax.checkpoint as ocp
 
 from pdmd_jax import families
 from pdmd_jax import models
@@ -71,11 +71,12 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
 
 
 def _fit(config, workdir, net, params, teacher, gmm, sched):
-  """The MLP fit to the exact teacher velocity, cached in ``<workdir>/teacher_fit``."""
-  path = os.path.join(os.path.abspath(workdir), "teacher_fit") if workdir else None
-  if path and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
-    return ocp.StandardCheckpointer().restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                                 params))
+  """The MLP fit to the exact teacher velocity, cached in ``<workdir>/teacher_fit.msgpack``
+  (every process fits the same numbers; process 0 writes the cache, atomically)."""
+  path = os.path.join(os.path.abspath(workdir), "teacher_fit.msgpack") if workdir else None
+  if path and os.path.exists(path):
+    with open(path, "rb") as fh:
+      return flax.serialization.from_bytes(params, fh.read())
   f = config.init_fit
   t0 = time.time()
   params, mse = fit.fit_to_gmm_teacher(
@@ -83,8 +84,8 @@ def _fit(config, workdir, net, params, teacher, gmm, sched):
       steps=f.steps, batch_size=f.batch_size, lr=f.lr, seed=config.seed, p_uncond=f.p_uncond,
       shift=config.shift)
   print(f"Fitted the MLP to the exact teacher velocity: mse {mse:.3g} ({time.time() - t0:.1f}s)")
-  if path:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, params)
-    ckptr.wait_until_finished()
+  if path and jax.process_index() == 0:
+    with open(path + ".tmp", "wb") as fh:
+      fh.write(flax.serialization.to_bytes(jax.device_get(params)))
+    os.replace(path + ".tmp", path)
   return params
