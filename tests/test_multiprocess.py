@@ -87,5 +87,5 @@ def test_launcher_env_and_errors(tmp_path):
                       f"--workdir={tmp_path / 'w'}"], env=env, cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2, r.stderr[-2000:]
-  assert "could not join the coordinator at localhost:" in r.stderr and "within 3 s" in r.stderr
+  assert "could not reach the coordinator at localhost:" in r.stderr and "within 3 s" in r.stderr
   assert not os.path.exists(tmp_path / "w")
