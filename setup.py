@@ -35,7 +35,9 @@ setup(
                  "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
         "notebooks": ["nbclient>=0.10,<0.12", "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
         # CPU build on these machines; plain `torch` would pull a multi-GB CUDA wheel.
-        "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2"],
+        # peft: diffusers' LoRA loading (Qwen-Image LoRA export tests); it pulls transformers.
+        "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2",
+                  "peft>=0.17,<1"],
         "tfds": ["tensorflow-datasets>=4.9,<5"],
     },
 )
