@@ -12,8 +12,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # XLA's CPU compiles take seconds per phase step; tests that rebuild the same program (resume,
-# sharding, end-to-end) share them through a per-session persistent cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="pdmd_jax_xla_"))
+# sharding, end-to-end) share them through a persistent cache, one per pytest run (shared by
+# its xdist workers).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), f"pdmd_jax_xla_{_RUN}") if _RUN
+                  else tempfile.mkdtemp(prefix="pdmd_jax_xla_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # The suite is compile-bound (tiny networks, many programs): XLA without its heavy passes compiles
 # ~40% faster and runs the same math (tests compare programs compiled the same way, or against
