@@ -26,6 +26,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+def pytest_collection_modifyitems(items):
+  """@pytest.mark.long tests (the default suite's end-to-end runs) are scheduled first, so the
+  two xdist workers do not end on one of them while the other idles."""
+  items.sort(key=lambda item: item.get_closest_marker("long") is None)   # stable: order kept
+
+
 @pytest.fixture(autouse=True)
 def _xla_optimized(request):
   """@pytest.mark.xla_optimized: this test compiles with XLA's full optimisations."""

@@ -26,6 +26,7 @@ def _saved_steps(workdir):
   return sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
 
 
+@pytest.mark.long
 def test_resume_is_bit_identical(gmm_config, tmp_path, monkeypatch):
   """Stop exactly at the phase boundary (step 4 of 2 x 4), resume, preempt with SIGTERM at 5
   (phase 2, frozen expert 0 read back from checkpoints_frozen), resume to 8: every leaf equals

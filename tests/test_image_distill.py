@@ -162,6 +162,7 @@ def test_bad_teacher_path_names_the_field(tiny_teacher):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "classifier", "card.json")),
                     reason="the evaluation classifier asset is missing")
+@pytest.mark.long
 def test_tiny_end_to_end_distillation(tiny_teacher, tmp_path):
   out = trainer.train_and_evaluate(_config(tiny_teacher), str(tmp_path), verbose=False)
   for who in ("student", "teacher"):

@@ -35,6 +35,7 @@ def _env(tmp_path):
   return env
 
 
+@pytest.mark.long
 def test_two_processes_equal_one(tmp_path):
   w2, w1 = str(tmp_path / "p2"), str(tmp_path / "p1")
   r = subprocess.run([sys.executable, "-m", "pdmd_jax.launch", "--num_processes=2",

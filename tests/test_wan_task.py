@@ -342,6 +342,7 @@ def test_main_without_weights_stops_with_the_message(tmp_path):
 
 # ~135 s of CPU (mostly XLA compiling the two phase steps): kept in the default suite, as the
 # issue asks that CI runs main.py --config=configs/wan22.py:tiny end to end.
+@pytest.mark.long
 def test_tiny_end_to_end(tmp_path):
   w = str(tmp_path / "run")
   r = _main(w, ":tiny", fast_compiles=True)
