@@ -8,8 +8,8 @@ Every process gets ``--distributed`` and the coordinator through the environment
 ``JAX_PROCESS_ID``). ``--cpu_devices=n`` simulates n CPU devices per process;
 ``--gpus_per_process=g`` gives process i the GPUs [i g, (i + 1) g) (one GPU node; across nodes
 use the scheduler's launch lines in docs/distributed.md). Process 0 prints to this terminal,
-the others to ``<logdir>/process_<i>.log``. SIGTERM / SIGINT are forwarded to every process
-(each checkpoints and exits 0); if one process fails the others are stopped and the exit code
+the others to ``<logdir>/process_<i>.log``. SIGTERM / SIGINT reach every process as SIGTERM
+(they agree on a step, checkpoint it and exit 0); if one process fails the others are stopped and the exit code
 is the failing one's, with the tail of its log.
 """
 
@@ -66,11 +66,11 @@ def launch(program: list[str], num_processes: int, *, cpu_devices: int = 0,
         env=process_env(i, num_processes, port, cpu_devices, gpus_per_process),
         stdout=out, stderr=subprocess.STDOUT if out else None))
 
-  def forward(signum, frame):
-    del frame
+  def forward(signum, frame):   # as SIGTERM: JAX's coordination service agrees on the stop step
+    del signum, frame
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signum)
+        p.send_signal(signal.SIGTERM)
 
   old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   start = time.time()

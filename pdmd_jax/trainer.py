@@ -200,7 +200,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
           stopped_early = report["collapsed"]
           say(f"Stopped early at step {step}: collapse against the teacher ({stopped_early}).")
           break
-      if stop_signal.received:
+      if stop_signal.poll(step):
         if not saved:
           _drain(pending, writer, tally, config.train.log_every)
           ckpt.save(state, config.to_dict(), {"phase": k})
@@ -236,17 +236,31 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
 class _StopSignals:
   """SIGTERM and SIGINT set ``received`` (the signal's name) for the loop to act on after the step
   in flight; a second one acts as it would without this handler (SIGINT: KeyboardInterrupt).
-  Handlers can only be installed from the main thread; elsewhere this does nothing."""
+  Handlers can only be installed from the main thread; elsewhere this does nothing.
+
+  Multi-process runs must stop at the same step everywhere (the save is collective), and a
+  signal may reach only some processes: there JAX's coordination service catches SIGTERM and
+  agrees on the step (``multihost_utils.reached_preemption_sync_point``); no handler is set.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = ""
     self._old = {}
+    self._multi = jax.process_count() > 1
 
   def install(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+  def poll(self, step: int) -> str:
+    """The signal to stop on after ``step`` updates ("" = go on); collective when multi-process."""
+    if self._multi and not self.received:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = "SIGTERM"
+    return self.received
 
   def restore(self):
     for s, handler in self._old.items():

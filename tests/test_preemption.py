@@ -1,7 +1,8 @@
 """Preemption of `python main.py` (a subprocess, as a scheduler sees it).
 
 SIGTERM (schedulers, TPU maintenance) ends the run with exit 0 after the step in flight is
-checkpointed, naming the step; kill -9 at random moments while it saves every step never
+checkpointed, naming the step (in a multi-process run: the same step in every process, even if
+only one got the signal); kill -9 at random moments while it saves every step never
 leaves a checkpoint that restores wrong, and the resumed run ends where an uninterrupted one
 does, bit for bit. (In-process, with every recipe term on: test_checkpointing.)
 """
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from pdmd_jax import configs
+from pdmd_jax import launch
 from pdmd_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,3 +110,23 @@ def test_kill_9_while_saving_never_leaves_a_bad_checkpoint(tmp_path):
   (_, a), (_, b) = (trainer.restore_latest(config, d, dev) for d in (straight, w))
   assert int(a.step) == int(b.step) == steps
   chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b), strict=True)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path):
+  """2 processes x 2 devices: SIGTERM reaches process 1 only (as a scheduler may deliver it);
+  JAX's coordination service agrees on the step, both save it collectively and exit 0."""
+  w, port = str(tmp_path / "run"), launch.free_port()
+  base = _env(tmp_path)
+  procs = [subprocess.Popen(_args(w, 2000, 4) + ["--distributed"], cwd=ROOT, text=True,
+                            env=launch.process_env(i, 2, port, cpu_devices=2, base=base),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  _wait_for_step(procs[0], w, 4)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  steps = []
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    steps.append(int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", err).group(1)))
+  assert steps[0] == steps[1] == _steps(w)[-1]
+  _, state = trainer.restore_latest(_config(2000, 4), w, jax.devices()[:1])
+  assert int(state.step) == steps[0]
