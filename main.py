@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from pdmd_jax import distributed
+from pdmd_jax import paths
 from pdmd_jax import trainer
 from pdmd_jax import validation
 
@@ -66,6 +67,11 @@ def main(argv):
     from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
     teacher_training.train_teacher(config, workdir)
     return
+  try:
+    paths.makedirs(workdir)
+  except paths.WorkdirError as e:
+    print(f"Workdir error: {e}", file=sys.stderr)
+    sys.exit(2)
   if _MODE.value == "train":
     out = trainer.train_and_evaluate(config, workdir)
     if out.get("preempted"):     # SIGTERM / SIGINT: the step in flight was saved; exit 0

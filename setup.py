@@ -39,5 +39,7 @@ setup(
         "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2",
                   "peft>=0.17,<1"],
         "tfds": ["tensorflow-datasets>=4.9,<5"],
+        # --workdir=gs://...: epath's Google Cloud Storage backend (checkpoints: orbax alone).
+        "gcs": ["gcsfs>=2024.2"],
     },
 )

@@ -15,14 +15,13 @@ that needs it. Restores take an abstract state carrying the target shardings.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from pdmd_jax import train_step as ts
+from pdmd_jax import paths
 
 _LIVE = ("expert", "expert_opt", "fake", "fake_opt")
 
@@ -49,9 +48,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, num_phases: int, max_to_keep: int = 3, async_save: bool = True):
     self.num_phases = num_phases
-    workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(workdir, "checkpoints")
-    self.frozen_directory = os.path.join(workdir, "checkpoints_frozen")
+    workdir = paths.absolute(workdir)        # local, or a URL orbax writes to (gs://...)
+    self.directory = paths.join(workdir, "checkpoints")
+    self.frozen_directory = paths.join(workdir, "checkpoints_frozen")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -76,7 +75,7 @@ class Checkpointer:
     """Writes a finished tree (``expert_<k>``; ``fake_<k>`` to keep a dropped fake for analysis)
     once, synchronously; a path left by an interrupted earlier run is overwritten."""
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(self.frozen_directory, name), tree, force=True)
+      ckptr.save(paths.join(self.frozen_directory, name), tree, force=True)
       ckptr.wait_until_finished()
 
   def restore(self, abstract_state: ts.TrainState, step: int | None = None):
@@ -104,8 +103,8 @@ class Checkpointer:
         for name, trees in (("expert", experts), ("ema", ema)):
           if trees[k] is None:
             continue
-          path = os.path.join(self.frozen_directory, f"{name}_{k}")
-          if not os.path.isdir(path):
+          path = paths.join(self.frozen_directory, f"{name}_{k}")
+          if not paths.path(path).is_dir():
             raise FileNotFoundError(f"frozen {name} of phase {k + 1} missing at {path} (the "
                                     f"checkpoint at step {step} needs it)")
           trees[k] = ckptr.restore(path, trees[k])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
-import json
 import os
 import signal
 import threading
@@ -32,6 +31,7 @@ logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at IN
 
 from pdmd_jax import assembly
 from pdmd_jax import checkpointing
+from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax import train_step as ts
 
@@ -123,7 +123,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
     test that resuming gives the same numbers as not stopping.
   Returns the final evaluation (a dict of floats) plus timing and memory figures.
   """
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)     # local or a URL (gs://...); unwritable: WorkdirError naming it
   run = build(config, workdir, devices)
   verbose = verbose and jax.process_index() == 0     # one progress bar and log: process 0
   say = print if verbose else (lambda *a, **k: None)
@@ -301,11 +301,13 @@ def _drain(pending: collections.deque, writer, tally, log_every: int, leave: int
 
 
 def _writer(workdir):
-  """TensorBoard scalars (process 0; the others write nothing)."""
+  """TensorBoard scalars (process 0; the others write nothing); URL workdirs through epath."""
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   if jax.process_index() != 0:
     return _NoWriter()
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  if paths.is_url(workdir):
+    paths.register_tensorboard_scheme(str(workdir).split("://")[0])
+  return SummaryWriter(paths.join(workdir, "tensorboard"))
 
 
 class _NoWriter:
@@ -330,12 +332,8 @@ def evaluate(run: Run, state, workdir: str | None, *, tag: str, verbose: bool = 
 
 
 def _write_json(path, obj):
-  if jax.process_index() != 0:     # multi-process: process 0 writes
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=float)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:     # multi-process: process 0 writes
+    paths.write_json(path, obj)
 
 
 # ============================================================================================
@@ -367,7 +365,7 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices
   if jax.process_index() != 0:
     return out_path
-  np.savez(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(labels),
+  paths.save_npz(out_path, samples=np.asarray(traj[-1]), labels=np.asarray(labels),
            trajectory=np.stack([np.asarray(x) for x in traj]), grid=np.asarray(run.plan.grid),
            step=int(state.step))
   return out_path

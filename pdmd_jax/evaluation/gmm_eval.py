@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.data import gmm as gmm_lib
 from pdmd_jax.evaluation import gmm_metrics
@@ -50,8 +51,7 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   out["step"] = int(jax.device_get(state.step))
   if workdir and jax.process_index() == 0:    # multi-process: process 0 writes
     _plot(run, student, teacher, exact, os.path.join(workdir, f"samples_{tag}.png"))
-    with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
-      f.write(metrics_markdown(out))
+    paths.write_text(os.path.join(workdir, f"metrics_{tag}.md"), metrics_markdown(out))
   if verbose:
     print(metrics_markdown(out))
   return out
@@ -99,5 +99,5 @@ def _plot(run, student, teacher, exact, path):
     ax.set_title(title, fontsize=8)
     ax.set_aspect("equal")
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  paths.save_figure(path, fig, dpi=90)
   plt.close(fig)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
 
@@ -64,15 +65,14 @@ def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
   key = (f"teacher_samples_n{z.shape[0]}_seed{c.eval.seed}_sub{c.eval.teacher_substeps}_"
          f"cfg{c.teacher.guidance_scale:g}_grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}.npy")
   path = os.path.join(workdir, key) if workdir else None
-  if path and os.path.exists(path):
-    return np.load(path)
+  if path and paths.exists(path):
+    return paths.load_npy(path)
   fn = jax.jit(lambda tp, z, y: sampling.teacher_sample(
       run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
       shift_value=c.shift)[-1])
   x = _batches(lambda z, y: fn(run.teacher_params, z, y), z, labels, batch)
   if path and jax.process_index() == 0:       # multi-process: process 0 writes
-    np.save(path + ".tmp.npy", x)
-    os.replace(path + ".tmp.npy", path)
+    paths.save_npy(path, x)
   return x
 
 
@@ -107,12 +107,11 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   if workdir and jax.process_index() == 0:
     save_samples(run, student, os.path.join(workdir, f"samples_{tag}"))
     if video(run):   # the clips themselves, for side-by-side strips (experiments/video_motion.py)
-      np.save(os.path.join(workdir, f"samples_{tag}.npy"), student[:40].astype(np.float16))
+      paths.save_npy(os.path.join(workdir, f"samples_{tag}.npy"), student[:40].astype(np.float16))
     tpath = os.path.join(workdir, "teacher_samples")
-    if not os.path.exists(tpath + ".png"):
+    if not paths.exists(tpath + ".png"):
       save_samples(run, teacher, tpath)
-    with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
-      f.write(metrics_markdown(out, run))
+    paths.write_text(os.path.join(workdir, f"metrics_{tag}.md"), metrics_markdown(out, run))
   if verbose:
     print(metrics_markdown(out, run))
   return out

@@ -20,6 +20,7 @@ Statistics are float64 numpy on the host; only the classifier runs in JAX.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 from typing import Callable, NamedTuple
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 from flax import serialization
 
+from pdmd_jax import paths
 from pdmd_jax.data import mnist
 from pdmd_jax.evaluation import gmm_metrics
 from pdmd_jax.models.classifier import DigitClassifier
@@ -212,4 +214,6 @@ def save_grid_png(images, path: str, nrow: int) -> None:
   from matplotlib import image as mpl_image  # pylint: disable=import-outside-toplevel
   grid = (np.clip(image_grid(images, nrow), -1.0, 1.0) + 1.0) / 2.0
   grid = grid[..., 0] if grid.shape[-1] == 1 else grid
-  mpl_image.imsave(path, grid, cmap="gray", vmin=0.0, vmax=1.0)
+  buf = io.BytesIO()
+  mpl_image.imsave(buf, grid, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+  paths.write_bytes(path, buf.getvalue())

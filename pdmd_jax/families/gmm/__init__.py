@@ -9,7 +9,6 @@ sizes), so the mesh may only use the batch axes.
 
 from __future__ import annotations
 
-import os
 import time
 from types import MappingProxyType
 
@@ -18,6 +17,7 @@ import jax
 
 from pdmd_jax import families
 from pdmd_jax import models
+from pdmd_jax import paths
 from pdmd_jax import schedule as S
 from pdmd_jax import teachers
 from pdmd_jax import validation as V
@@ -73,10 +73,9 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
 def _fit(config, workdir, net, params, teacher, gmm, sched):
   """The MLP fit to the exact teacher velocity, cached in ``<workdir>/teacher_fit.msgpack``
   (every process fits the same numbers; process 0 writes the cache, atomically)."""
-  path = os.path.join(os.path.abspath(workdir), "teacher_fit.msgpack") if workdir else None
-  if path and os.path.exists(path):
-    with open(path, "rb") as fh:
-      return flax.serialization.from_bytes(params, fh.read())
+  path = paths.join(paths.absolute(workdir), "teacher_fit.msgpack") if workdir else None
+  if path and paths.exists(path):
+    return flax.serialization.from_bytes(params, paths.read_bytes(path))
   f = config.init_fit
   t0 = time.time()
   params, mse = fit.fit_to_gmm_teacher(
@@ -85,7 +84,5 @@ def _fit(config, workdir, net, params, teacher, gmm, sched):
       shift=config.shift)
   print(f"Fitted the MLP to the exact teacher velocity: mse {mse:.3g} ({time.time() - t0:.1f}s)")
   if path and jax.process_index() == 0:
-    with open(path + ".tmp", "wb") as fh:
-      fh.write(flax.serialization.to_bytes(jax.device_get(params)))
-    os.replace(path + ".tmp", path)
+    paths.write_bytes(path, flax.serialization.to_bytes(jax.device_get(params)))
   return params
