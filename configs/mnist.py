@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.teacher.type = "dit"                   # a trained DiT teacher (pdmd_jax/families/dit)
   c.teacher.path = ""                      # "" = the shipped assets/mnist_teacher
   c.teacher.guidance_scale = 3.0           # CFG of the teacher in the DMD gradient (and reference)
-  c.teacher.cfg_norm = "none"              # none | sample: CFG rescaled to the conditional's norm
+  c.teacher.cfg_norm = "none"              # none | sample | token: CFG rescaled to the conditional's norm
   c.teacher.arch = ml_collections.ConfigDict()   # {} = trained weights; DiTConfig fields = a
   c.teacher.perturb = 0.05                 #   random DiT (planning, benchmarks), weights + N(0, perturb)
 

@@ -5,7 +5,8 @@ step: the teacher is never part of the training state, never donated, optimised 
 Every output is under stop_gradient.
 
 - ``gmm_teacher``: the exact velocity of a Gaussian mixture under any Gaussian diffusion.
-- ``network_teacher``: any NNX velocity network (``apply(params, x, t, y)``).
+- ``network_teacher``: any NNX velocity network (``apply(params, x, t, y)``), CFG against a
+  null class or a negative-prompt embedding, optionally norm-rescaled per sample or per token.
 - ``moe_teacher``: Wan2.2's two experts routed by t (high noise at t >= boundary), with CFG
   against a negative-prompt embedding.
 """
@@ -22,7 +23,7 @@ from pdmd_jax import schedule as S
 from pdmd_jax.data import gmm as gmm_lib
 
 ROUTES = ("switch", "where")
-CFG_NORMS = ("none", "sample")
+CFG_NORMS = ("none", "sample", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,13 @@ class Teacher:
   apply: (params, x_t [B, ...], t [B], y [B] int) -> velocity; y == null_class is the
     unconditional branch.
   cfg_norm: "sample" rescales v_guided to the conditional velocity's norm per sample,
-    v_guided ||v(y)|| / ||v_guided|| (the released recipes' CFG norm rescale, LightX2V's
-    ``cfg_norm``, there per latent token; against CFG's over-saturation); "none": plain CFG.
+    v_guided ||v(y)|| / ||v_guided|| (the released recipes' CFG norm rescale; against CFG's
+    over-saturation); "token" does the same per token, the norms taken over one token's block
+    of ``token_block`` (Qwen-Image's pipeline and LightX2V's ``cfg_norm``: per packed 2 x 2
+    patch of 16 channels); "none": plain CFG.
+  token_block: for cfg_norm="token", the token's extent along each sample axis (channels
+    included): a sample [C, H, W] in 2 x 2 patches is (C, 2, 2), [H, W, C] in p x p patches
+    (p, p, C). The family knows its tokens, so it sets this.
   """
   apply: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
   null_class: int
@@ -42,23 +48,51 @@ class Teacher:
   # teachers pass e.g. the negative-prompt embedding here.
   null_cond: Callable[[Any], Any] | None = None
   cfg_norm: str = "none"
+  token_block: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.cfg_norm not in CFG_NORMS:
+      raise ValueError(f"cfg_norm={self.cfg_norm!r} is unknown; allowed: {list(CFG_NORMS)}")
+    if self.cfg_norm == "token" and not self.token_block:
+      raise ValueError("cfg_norm='token' needs token_block (one token's extent along each "
+                       "sample axis, channels included), which the teacher family sets")
 
   def unconditional(self, y):
     return jnp.full_like(y, self.null_class) if self.null_cond is None else self.null_cond(y)
+
+  def normed(self, v_guided, v_cond):
+    """The CFG norm rescale of ``cfg_norm`` (v_guided itself for "none")."""
+    if self.cfg_norm == "none":
+      return v_guided
+    return rescale(v_guided, v_cond, self.token_block if self.cfg_norm == "token" else None)
 
   def velocity(self, params, x_t, t, y):
     v_c = self.apply(params, x_t, t, y)
     if self.guidance_scale != 1.0:
       v_u = self.apply(params, x_t, t, self.unconditional(y))
-      v_g = v_u + self.guidance_scale * (v_c - v_u)
-      v_c = v_g if self.cfg_norm == "none" else rescale(v_g, v_c)
+      v_c = self.normed(v_u + self.guidance_scale * (v_c - v_u), v_c)
     return jax.lax.stop_gradient(v_c)
 
 
-def rescale(v_guided, v_cond, eps: float = 1e-12):
-  """v_guided with each sample's norm set to v_cond's (CFG norm rescale)."""
-  norm = lambda v: jnp.sqrt(jnp.sum(v.reshape(v.shape[0], -1).astype(jnp.float32)**2, -1) + eps)
-  return v_guided * S.bcast(norm(v_cond) / norm(v_guided), v_guided).astype(v_guided.dtype)
+def rescale(v_guided, v_cond, block: tuple[int, ...] | None = None, eps: float = 1e-12):
+  """v_guided with the norm of each block set to v_cond's: v_g ||v_c||_blk / ||v_g||_blk.
+
+  block: None = the whole sample; else the block's extent along each sample axis (each
+  dividing that axis), e.g. (16, 2, 2) for 2 x 2 patch tokens of a [16, H, W] latent: the
+  norm of each token over its 64 packed channels (diffusers' QwenImagePipeline).
+  """
+  if block is None:
+    block = v_guided.shape[1:]
+  b, dims = v_guided.shape[0], v_guided.shape[1:]
+  if len(block) != len(dims) or any(d % k for d, k in zip(dims, block)):
+    raise ValueError(f"CFG norm block {tuple(block)} does not tile a sample of shape {dims}")
+  split = (b,) + tuple(x for d, k in zip(dims, block) for x in (d // k, k))
+  inner = tuple(range(2, len(split), 2))          # the within-block axes
+
+  def norm(v):
+    return jnp.sqrt(jnp.sum(v.reshape(split).astype(jnp.float32)**2, inner, keepdims=True) + eps)
+  ratio = (norm(v_cond) / norm(v_guided)).astype(v_guided.dtype)
+  return (v_guided.reshape(split) * ratio).reshape(v_guided.shape)
 
 
 def gmm_posterior(sched: S.Schedule, gmm: gmm_lib.GaussianMixture, x_t, t, y):
@@ -101,10 +135,15 @@ def gmm_teacher(sched: S.Schedule, num_classes: int, guidance_scale: float = 1.0
 
 
 def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0,
-                    cfg_norm: str = "none") -> Teacher:
-  """A trained velocity network (e.g. the shipped DiT); its params travel as the argument."""
+                    cfg_norm: str = "none", token_block: tuple[int, ...] | None = None,
+                    null_cond=None) -> Teacher:
+  """A velocity network (e.g. the shipped DiT, Qwen-Image); its params travel as the argument.
+
+  null_cond: y -> the unconditional branch's conditioning (e.g. the negative-prompt embedding
+  of a text teacher); None: the null class label ``num_classes``.
+  """
   return Teacher(apply=apply, null_class=num_classes, guidance_scale=guidance_scale,
-                 cfg_norm=cfg_norm)
+                 null_cond=null_cond, cfg_norm=cfg_norm, token_block=token_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +258,7 @@ class MoETeacher(Teacher):
                    jax.tree.map(cat, y, self.unconditional(y)))
     v_c, v_u = v[:b], v[b:]
     w = w_high if w_high == w_low else jnp.where(t >= self.boundary, w_high, w_low)
-    return jax.lax.stop_gradient(v_u + S.bcast(w, v_c) * (v_c - v_u))
+    return jax.lax.stop_gradient(self.normed(v_u + S.bcast(w, v_c) * (v_c - v_u), v_c))
 
 
 def moe_teacher(apply_high, apply_low, boundary: float, guidance_scale: float = 1.0,

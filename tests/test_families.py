@@ -21,7 +21,7 @@ from pdmd_jax import families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"gmm": "configs/gmm.py:runlocal", "dit": "configs/mnist.py:runlocal",
-           "wan22": "configs/wan22.py:tiny"}
+           "wan22": "configs/wan22.py:tiny", "qwen_image": "configs/qwen_image.py:tiny"}
 
 
 def test_every_family_package_has_a_config():
@@ -32,7 +32,8 @@ def test_every_family_package_has_a_config():
     if "teacher" in c and "type" in c.teacher:
       types.add(c.teacher.type)
   assert types == set(families.names())
-  with pytest.raises(ValueError, match=r"teacher.type='qwen'.*allowed: \['dit', 'gmm', 'wan22'\]"):
+  with pytest.raises(ValueError, match=r"teacher.type='qwen'.*allowed: \['dit', 'gmm', "
+                                       r"'qwen_image', 'wan22'\]"):
     families.get("qwen")
 
 

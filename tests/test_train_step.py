@@ -74,6 +74,8 @@ def test_fsdp_rule_on_8_devices(gmm_config):
   assert kernel.addressable_shards[0].data.shape == (32, 16)
 
 
+@pytest.mark.slow   # ~15 s; the default suite compares meshes in test_sharding_rules (DiT, logical
+                    # rules) and test_multiprocess (2 x 4 vs 1 x 8, mixture)
 @pytest.mark.parametrize("variant", ["method=phased_dmd_sgts,steps=4,phases=2,dim=16,runlocal"])
 def test_data2_fsdp4_matches_single_device(gmm_config, variant):
   """Same numbers on a (data 2 x fsdp 4) mesh as on one device: |a - b| <= 1e-5 + 1e-4 |b|.

@@ -1,4 +1,4 @@
-"""Evaluation of a latent-space (Wan2.2) distillation run against the teacher's own sampler.
+"""Evaluation of a latent-space (Wan2.2, Qwen-Image) distillation run against the teacher's sampler.
 
 The distilled few-step MoE sampler and the teacher's many-step Euler sampler (CFG, through
 the plan's grid points, ``eval.teacher_substeps`` steps per interval) start from the same
@@ -8,9 +8,12 @@ noise and prompts (``eval.num_samples``, a function of ``eval.seed``). Reported:
   second moment), also at every phase boundary x_{t_k};
 - diversity: mean pairwise L2 distance between samples, student / teacher.
 Writes ``latents_<tag>.npz`` (student latents and trajectory, prompt indices) and caches the
-teacher's latents in the workdir. With ``eval.vae_path`` (a diffusers AutoencoderKLWan folder)
-and ``eval.decode`` > 0, the first samples are decoded to RGB videos (``videos_<tag>.npz``,
-uint8 [N, F, H, W, 3]) with torch + diffusers, if installed; otherwise that step is skipped.
+teacher's latents in the workdir. With ``eval.vae_path`` (a diffusers VAE folder) and
+``eval.decode`` > 0, the first samples are decoded to RGB with torch + diffusers, if installed
+(otherwise that step is skipped): by the family's decoder, ``family.extras["decode"]`` =
+(name, fn(vae_path, latents) -> uint8 array or None), written to ``<name>_<tag>.npz`` under the
+key ``name``; without one, Wan videos (``decode`` below: ``videos_<tag>.npz``, uint8
+[N, F, H, W, 3]).
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def teacher_latents(run, z, y, workdir: str | None):
   """The teacher's states at the grid times [N + 1][N, ...] (cached in ``workdir``)."""
   c = run.config
   key = (f"teacher_latents_n{z.shape[0]}_seed{c.eval.seed}_sub{c.eval.teacher_substeps}_"
-         f"cfg{c.teacher.guidance_scale:g}-{c.teacher.guidance_scale_low}_"
+         f"cfg{c.teacher.guidance_scale:g}-{c.teacher.get('guidance_scale_low')}_"
+         + (f"{c.teacher.cfg_norm}_" if c.teacher.get("cfg_norm", "none") != "none" else "") +
          f"grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}.npy")
   path = os.path.join(workdir, key) if workdir else None
   if path and os.path.exists(path):
@@ -162,9 +166,10 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
              prompt_index=index, grid=np.asarray(run.plan.grid), step=out["step"])
     n = min(c.eval.get("decode", 0), z.shape[0])
     if n and c.eval.get("vae_path", ""):
-      videos = decode(c.eval.vae_path, np.asarray(student[-1][:n]))
-      if videos is not None:
-        np.savez(os.path.join(workdir, f"videos_{tag}.npz"), videos=videos,
+      name, fn = run.family.extras.get("decode", ("videos", decode))
+      decoded = fn(c.eval.vae_path, np.asarray(student[-1][:n]))
+      if decoded is not None:
+        np.savez(os.path.join(workdir, f"{name}_{tag}.npz"), **{name: decoded},
                  prompt_index=index[:n])
     with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
       f.write(metrics_markdown(out, run))

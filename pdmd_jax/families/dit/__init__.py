@@ -113,8 +113,10 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   gan = config.get("gan")
   layer = cfg.depth // 2 if gan is None or gan.layer < 0 else gan.layer
   return families.Family(
-      name="dit", teacher=teachers.network_teacher(net.apply, cfg.num_classes, t.guidance_scale,
-                                                    t.get("cfg_norm", "none")),
+      name="dit", teacher=teachers.network_teacher(
+          net.apply, cfg.num_classes, t.guidance_scale, t.get("cfg_norm", "none"),
+          token_block=((cfg.temporal_patch,) if cfg.video else ()) + (cfg.patch, cfg.patch,
+                                                                      cfg.channels)),
       teacher_params=params, teacher_axes=axes, apply=net.apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
