@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.evaluation import gmm_metrics
 from pdmd_jax.evaluation import image_metrics
@@ -74,13 +75,12 @@ def teacher_latents(run, z, y, workdir: str | None):
          + (f"{c.teacher.cfg_norm}_" if c.teacher.get("cfg_norm", "none") != "none" else "") +
          f"grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}.npy")
   path = os.path.join(workdir, key) if workdir else None
-  if path and os.path.exists(path):
-    return list(np.load(path))
+  if path and paths.exists(path):
+    return list(paths.load_npy(path))
   _, fn = _fns(run)
   traj = _batched(lambda z, y: fn(run.teacher_params, z, y), z, y, c.eval.batch_size)
   if path and jax.process_index() == 0:       # multi-process: process 0 writes
-    np.save(path + ".tmp.npy", np.stack(traj))
-    os.replace(path + ".tmp.npy", path)
+    paths.save_npy(path, np.stack(traj))
   return traj
 
 
@@ -161,18 +161,18 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   out["step"] = int(jax.device_get(state.step))
   index = np.asarray(y["index"]) if isinstance(y, dict) and "index" in y else np.zeros(0)
   if workdir and jax.process_index() == 0:
-    np.savez(os.path.join(workdir, f"latents_{tag}.npz"), student=np.asarray(student[-1]),
-             teacher=np.asarray(teacher[-1]), trajectory=np.stack([np.asarray(x) for x in student]),
-             prompt_index=index, grid=np.asarray(run.plan.grid), step=out["step"])
+    paths.save_npz(os.path.join(workdir, f"latents_{tag}.npz"), student=np.asarray(student[-1]),
+                   teacher=np.asarray(teacher[-1]),
+                   trajectory=np.stack([np.asarray(x) for x in student]),
+                   prompt_index=index, grid=np.asarray(run.plan.grid), step=out["step"])
     n = min(c.eval.get("decode", 0), z.shape[0])
     if n and c.eval.get("vae_path", ""):
       name, fn = run.family.extras.get("decode", ("videos", decode))
       decoded = fn(c.eval.vae_path, np.asarray(student[-1][:n]))
       if decoded is not None:
-        np.savez(os.path.join(workdir, f"{name}_{tag}.npz"), **{name: decoded},
-                 prompt_index=index[:n])
-    with open(os.path.join(workdir, f"metrics_{tag}.md"), "w") as f:
-      f.write(metrics_markdown(out, run))
+        paths.save_npz(os.path.join(workdir, f"{name}_{tag}.npz"), **{name: decoded},
+                       prompt_index=index[:n])
+    paths.write_text(os.path.join(workdir, f"metrics_{tag}.md"), metrics_markdown(out, run))
   if verbose:
     print(metrics_markdown(out, run))
   return out
