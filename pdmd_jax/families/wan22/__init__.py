@@ -202,28 +202,8 @@ def teacher_dtype(config):
 
 
 def _cast(tree, dtype):
-  """The transformer blocks' linear layers (kernel and bias) in ``dtype``: matmuls computing in
-  model.dtype cast them there anyway, so a bf16 teacher gives the same velocities. Norms,
-  modulation tables, the embedders and the fp32 time embedder keep their dtype. Returns the
-  tree itself when nothing changes (a full-copy fake then shares the teacher's arrays)."""
-  def to(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-    return x.astype(dtype)
-
-  def walk(node, in_blocks):
-    if isinstance(node, (tuple, list)):
-      return type(node)(walk(n, in_blocks) for n in node)
-    if not isinstance(node, dict):
-      return node
-    if in_blocks and "kernel" in node:              # a Linear: kernel [+ bias]
-      return {k: to(v) if k in ("kernel", "bias") else v for k, v in node.items()}
-    return {k: walk(v, in_blocks or k == "blocks") for k, v in node.items()}
-
-  leaves = jax.tree.leaves(tree)
-  if all(x.dtype == dtype for x in leaves):
-    return tree
-  return walk(tree, False)
+  """The transformer blocks' linear layers in ``dtype`` (``common.cast_linears``)."""
+  return common.cast_linears(tree, dtype, under="blocks")
 
 
 def uses_cfg(config) -> bool:
