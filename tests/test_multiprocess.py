@@ -93,3 +93,27 @@ def test_launcher_env_and_errors(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "could not reach the coordinator at localhost:" in r.stderr and "within 3 s" in r.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow      # two Wan runs (~3 min)
+def test_two_processes_equal_one_on_the_tiny_wan(tmp_path):
+  """configs/wan22.py:tiny (MoE teacher, LoRA experts on each phase's expert, full fake pairs,
+  blockwise attention, scanned + rematerialised blocks), batch 8: 2 processes x 4 devices
+  equal 1 x 8 (this process)."""
+  spec, extra = "configs/wan22.py:tiny", ["--config.train.batch_size=8"]
+  w2, w1 = str(tmp_path / "p2"), str(tmp_path / "p1")
+  r = subprocess.run([sys.executable, "-m", "pdmd_jax.launch", "--num_processes=2",
+                      "--cpu_devices=4", f"--logdir={tmp_path / 'logs'}", "--",
+                      os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, spec)}",
+                      f"--workdir={w2}", *extra], env=_env(tmp_path), cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  config = configs.load(spec)
+  config.train.batch_size = 8
+  one = trainer.train_and_evaluate(config, w1, evaluate_phases=False, verbose=False)
+  two = json.load(open(os.path.join(w2, "metrics.json")))
+  for k in ("mse_to_teacher", "student/diversity", "boundary_1/mse_to_teacher"):
+    np.testing.assert_allclose(two[k], one[k], **TOL, err_msg=k)
+  (_, s2), (_, s1) = (trainer.restore_latest(config, w) for w in (w2, w1))
+  assert int(s2.step) == int(s1.step) == config.train.num_steps
+  chex.assert_trees_all_close(jax.device_get(s2), jax.device_get(s1), **TOL)
