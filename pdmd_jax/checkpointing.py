@@ -59,6 +59,12 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def saved_config(self, step: int | None = None) -> dict:
+    """The config (JSON) saved with ``step`` (default: the latest committed)."""
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
   def save(self, state: ts.TrainState, config_json: dict, extra: dict | None = None):
     """Saves the live phases' trees at ``state.step`` (frozen experts: ``save_frozen``)."""
     step = int(jax.device_get(state.step))
@@ -126,3 +132,27 @@ class Checkpointer:
 def _put(value, like):
   sharding = getattr(like, "sharding", None)
   return value if sharding is None else jax.device_put(value, sharding)
+
+
+# Fields that fix the state's layout and the phase plan: a checkpoint resumes only a run that
+# agrees on all of them (optimiser settings, evaluation and logging may change on resume).
+PLAN_FIELDS = ("method", "num_steps", "num_phases", "shift", "grid_times", "phase_order",
+               "schedule", "teacher.type", "train.num_steps", "generator.lora_rank",
+               "fake.lora_rank", "generator.ema_decay", "gan.enabled")
+
+
+def check_resumable(saved: dict, config, where: str) -> None:
+  """ValueError naming every plan field in which ``config`` differs from the checkpoint's."""
+  def get(tree, dotted):
+    for part in dotted.split("."):
+      if not isinstance(tree, dict) or part not in tree:
+        return None
+      tree = tree[part]
+    return list(tree) if isinstance(tree, (list, tuple)) else tree
+
+  now = config.to_dict()
+  diff = [f"{f}={get(now, f)!r} (checkpoint: {get(saved, f)!r})" for f in PLAN_FIELDS
+          if get(now, f) != get(saved, f)]
+  if diff:
+    raise ValueError(f"the checkpoint in {where} was written by another run: "
+                     + ", ".join(diff) + "; use a new --workdir or the checkpoint's values")

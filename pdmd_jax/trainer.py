@@ -132,6 +132,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   if ckpt.latest_step() is None:
     state = initial_state(run)
   else:   # restore onto the abstract state: no second copy of the state is allocated
+    checkpointing.check_resumable(ckpt.saved_config(), config, ckpt.directory)
     k = run.asm.layout_phase(ckpt.latest_step())
     state, meta = ckpt.restore(run.asm.abstract_state(k))
     say(f"Resumed from {ckpt.directory} at step {meta['step']} (phase {k + 1}).")
@@ -346,6 +347,7 @@ def restore_latest(config, workdir: str, devices=None):
   ckpt = checkpointing.Checkpointer(workdir, run.plan.num_phases, config.train.max_to_keep)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}; train first (--mode=train)")
+  checkpointing.check_resumable(ckpt.saved_config(), config, ckpt.directory)
   state, _ = ckpt.restore(run.asm.abstract_state(run.asm.layout_phase(ckpt.latest_step())))
   ckpt.close()
   return run, state

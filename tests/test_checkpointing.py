@@ -123,6 +123,14 @@ def test_non_finite_stops_with_step_and_metric(gmm_config, tmp_path):
   _, good = trainer.restore_latest(config, w, dev)
   good = jax.device_get(good)
   chex.assert_tree_all_finite(good)
+  # A checkpoint resumes only the plan that wrote it: another one is refused before compiling,
+  # naming each differing field, and nothing is written.
+  other = config.copy_and_resolve_references()
+  other.num_steps, other.train.num_steps = 2, 4
+  with pytest.raises(ValueError, match=r"another run: num_steps=2 \(checkpoint: 4\), "
+                                       r"train.num_steps=4 \(checkpoint: 8\)"):
+    trainer.train_and_evaluate(other, w, devices=dev, verbose=False)
+  assert _saved_steps(w) == [2]
 
   config.generator.lr = 1e37               # the first update after the resume overflows
   with pytest.raises(trainer.NonFiniteError, match=r"non-finite \w+=.* at step \d+") as err:
