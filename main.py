@@ -60,6 +60,7 @@ def main(argv):
   if config.get("job") != "teacher":
     try:   # a bad field or missing weights: the message, not a traceback, before compiling
       validation.validate(config)
+      validation.mesh_sizes(config, jax.device_count())   # the mesh fits this run's devices
     except (ValueError, FileNotFoundError) as e:
       print(f"Configuration error: {e}", file=sys.stderr)
       sys.exit(2)

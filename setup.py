@@ -32,12 +32,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "nbclient>=0.10,<0.12",
-                 "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
+                 "ipykernel>=6.29,<8", "nbformat>=5.10,<6",
+                 "tensorflow-datasets>=4.9,<5"],      # tests/test_tfds.py (no TensorFlow)
         "notebooks": ["nbclient>=0.10,<0.12", "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
         # CPU build on these machines; plain `torch` would pull a multi-GB CUDA wheel.
         # peft: diffusers' LoRA loading (Qwen-Image LoRA export tests); it pulls transformers.
         "torch": ["torch==2.13.0", "diffusers>=0.35,<0.43", "accelerate>=1.0,<2",
                   "peft>=0.17,<1"],
+        # data.source="tfds:NAME": prepared ArrayRecord datasets, read without TensorFlow.
         "tfds": ["tensorflow-datasets>=4.9,<5"],
         # --workdir=gs://...: epath's Google Cloud Storage backend (checkpoints: orbax alone).
         "gcs": ["gcsfs>=2024.2"],

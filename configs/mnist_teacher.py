@@ -26,6 +26,11 @@ def get_config(arg=None):
   c.model.patch = 4                      # 32x32 -> 8x8 = 64 tokens
   c.model.num_classes = 10               # + 1 null class for CFG
 
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "mnist"                # the offline digits; "tfds:NAME": a prepared tfds dataset
+  c.data.tfds_dir = ""                   #   (pdmd_jax/data/tfds_data.py) in this --data_dir
+  c.data.split = "train"                 #   and split
+
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16 if a.runlocal else 64
   c.train.num_steps = a.steps or (4 if a.runlocal else 4800)

@@ -99,7 +99,9 @@ def get_config(arg=None):
   c.data.text_len = 8 if a.tiny else 1024  # most tokens of a prompt (pipeline: 1024; planning)
   c.data.random_prompts = 16               # the random stand-in (data.embeddings == "")
   c.data.random_length = 8
-  c.data.max_table_gb = 8.0                # the embedding table sits on every device
+  c.data.max_table_gb = 8.0                # the in-memory table sits on every device
+  c.data.stream = False                    # True: read each batch's rows from the .safetensors
+  c.data.eval_prompts = 64                 #   file instead; evaluation draws from its first rows
 
   c.train = blocks.train(2 if a.tiny else 64, 2 if a.tiny else 800,   # 800: not reported
                          log_every=1 if a.tiny else 10, ckpt_every=2 if a.tiny else 50)

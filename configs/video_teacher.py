@@ -39,7 +39,9 @@ def get_config(arg=None):
   c.out_dir = "/tmp/video_teacher_out" if a.runlocal else "assets/video_teacher"
 
   c.data = ml_collections.ConfigDict()   # moving_digits.make_clip settings
-  c.data.name = "moving_digits"
+  c.data.source = "moving_digits"        # or "tfds:NAME": clips of a prepared tfds dataset
+  c.data.tfds_dir = ""                   #   (pdmd_jax/data/tfds_data.py; clip settings unused)
+  c.data.split = "train"
   c.data.num_frames = 8
   c.data.size = 32
   c.data.sprite_size = 24                # digit size: 24 px on 32 (16 px: see the docstring)

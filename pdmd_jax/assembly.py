@@ -51,9 +51,12 @@ class Assembly:
   data_key: jax.Array              # conditioning of update ``step``: fold_in(data_key, step)
   abstract_state_trees: tuple[Any, ...]  # ShapeDtypeStructs of the state (per phase) and of
   abstract_y: Any                        #   the conditioning, computed once by ``assemble``
-  # GAN term: a grain MapDataset whose element i is update i's real rows {"x": [ttur, B, ...],
-  # "y": [ttur, B]} (a function of (seed, i): resuming reads the same data); None: data-free.
-  real_data: Any = None
+  # Data read on the host: a grain MapDataset whose element i is update i's {"real": the GAN
+  # term's real rows {"x": [ttur, B, ...], "y": [ttur, B]}, "y": the streamed conditioning
+  # (data.stream; this process's columns of [ttur + 1, B, ...])}, the parts the run has; a
+  # function of (seed, i), so the update index is the data position and resuming reads the
+  # same data. None: the batch is computed on the devices (data-free).
+  host_data: Any = None
 
   @property
   def batch_shape(self) -> tuple[int, int]:
@@ -100,14 +103,17 @@ class Assembly:
     return jax.device_put(p, self.teacher_sharding)
 
   def batch_fn(self):
-    """step -> {"y": conditioning [rows, B, ...]}, jitted, a function of (seed, step) only."""
+    """step -> {"y": conditioning [rows, B, ...]}, jitted, a function of (seed, step) only;
+    step -> {} when the conditioning is streamed (``host_batch`` has it)."""
+    if self.family.cond_data is not None:
+      return lambda step: {}
     fn = lambda step: {"y": self.family.sample_cond(jax.random.fold_in(self.data_key, step),
                                                     self.batch_shape)}
     return jax.jit(fn, out_shardings={"y": self.batch_sharding["y"]})
 
   def abstract_batch(self):
     tree = {"y": self.abstract_y}
-    if self.real_data is not None:
+    if "real" in self.batch_sharding:
       rows = self.batch_shape[0] - 1
       shape = (rows, self.config.train.batch_size)
       tree["real"] = {"x": jax.ShapeDtypeStruct(shape + tuple(self.family.sample_shape),
@@ -115,18 +121,30 @@ class Assembly:
                       "y": jax.ShapeDtypeStruct(shape, jax.numpy.int32)}
     return sh.abstract_with(tree, self.batch_sharding)
 
-  def real_batches(self, start: int):
-    """Real rows of updates start, start + 1, ... placed on their shardings (grain threads
-    prefetch them); None when the run reads no data."""
-    if self.real_data is None:
-      return None
-    it = iter(self.real_data[start:].to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
-    return (jax.device_put(b, self.batch_sharding["real"]) for b in it)
+  def _place(self, part):
+    """Host rows -> global arrays: real rows (whole batch) put on their shardings; streamed
+    conditioning (this process's columns) assembled across processes."""
+    out = {}
+    if "real" in part:
+      out["real"] = jax.device_put(part["real"], self.batch_sharding["real"])
+    if "y" in part:
+      out["y"] = jax.tree.map(
+          lambda a, s, g: jax.make_array_from_process_local_data(s, a, g.shape),
+          part["y"], self.batch_sharding["y"], self.abstract_y)
+    return out
 
-  def real_batch(self, step: int):
-    """Update ``step``'s real rows (random access; the same as ``real_batches(step)``'s first)."""
-    return jax.device_put(self.real_data[step], self.batch_sharding["real"])
+  def host_batches(self, start: int):
+    """The host data of updates start, start + 1, ... placed on their shardings (grain threads
+    prefetch them); None when the run reads none."""
+    if self.host_data is None:
+      return None
+    it = iter(self.host_data[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    return (self._place(b) for b in it)
+
+  def host_batch(self, step: int):
+    """Update ``step``'s host data (random access; the same as ``host_batches(step)``'s first)."""
+    return self._place(self.host_data[step])
 
   def jit_step(self, k: int):
     return ts.jit_phase_step(self.step_cfg, k, self.state_shardings[k], self.teacher_sharding,
@@ -233,17 +251,48 @@ def assemble(plan: methods.PhasePlan, family: families.Family, config, mesh) -> 
   shape = (f.ttur + 1, config.train.batch_size)
   y = jax.eval_shape(lambda: family.sample_cond(jax.random.PRNGKey(0), shape))
   batch_sharding = {"y": jax.tree.map(lambda a: sh.batch_sharding(mesh, 1, a.ndim), y)}
-  real = None
+  host = {}
   if gan is not None:   # real rows [ttur, B, ...] per update, through the family's data pipeline
-    real = family.real_data(f.ttur * config.train.batch_size, config.seed).map(
+    host["real"] = family.real_data(f.ttur * config.train.batch_size, config.seed).map(
         lambda b: jax.tree.map(lambda a: a.reshape((f.ttur, -1) + a.shape[1:]), b))
     batch_sharding["real"] = {"x": sh.batch_sharding(mesh, 1, 2 + len(family.sample_shape)),
                               "y": sh.batch_sharding(mesh, 1, 2)}
+  if family.cond_data is not None:   # streamed conditioning: this process's batch columns
+    columns = process_columns(batch_sharding["y"]["index"], y["index"].shape)
+    host["y"] = family.cond_data(shape, config.seed, columns)
   return Assembly(config=config, plan=plan, family=family, mesh=mesh, step_cfg=step_cfg,
                   layouts=layouts, state_shardings=tuple(state_shardings),
                   teacher_sharding=teacher_sharding, batch_sharding=batch_sharding, rng=rng,
                   data_key=data_key, abstract_state_trees=tuple(abstract), abstract_y=y,
-                  real_data=real)
+                  host_data=grain.MapDataset.source(_Updates(host)) if host else None)
+
+
+class _Updates:
+  """grain source zipping datasets: element i is {name: dataset[i]}."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def __len__(self):
+    return min(len(p) for p in self.parts.values())
+
+  def __getitem__(self, i):
+    return {k: p[i] for k, p in self.parts.items()}
+
+
+def process_columns(sharding, shape) -> slice:
+  """The batch columns (axis 1) this process's devices hold under ``sharding``: one contiguous
+  range (the data and fsdp mesh axes split the batch, processes own consecutive devices)."""
+  spans = set()
+  for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+    s = index[1]
+    spans.add((s.start or 0, shape[1] if s.stop is None else s.stop))
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds batch columns {sorted(spans)}, not "
+                     "one contiguous range; order config.mesh so that each process's devices "
+                     "are consecutive along the data and fsdp axes")
+  return slice(lo, hi)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:

@@ -127,6 +127,8 @@ def gan(*, gen_weight: float = 3e-3, disc_weight: float = 1e-2):
   c.source = "fake"                        # fake (DMD2; also trains the fake) | teacher (FastGen)
   c.layer = -1                             # tokens after this block; -1 = the middle (depth // 2)
   c.width = 0                              # head channels; 0 = the tokens' width
+  c.data_source = ""                       # real data: "" = the teacher's own training data (its
+  c.tfds_dir = ""                          #   card); "tfds:NAME" = a prepared tfds dataset here
   return c
 
 

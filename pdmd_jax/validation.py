@@ -16,6 +16,7 @@ from pdmd_jax import families
 from pdmd_jax import losses
 from pdmd_jax import methods
 from pdmd_jax import schedule as S
+from pdmd_jax.data import tfds_data
 
 
 def fail(field, value, allowed):
@@ -187,6 +188,12 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
     choice(config, "gan.source", losses.GAN_SOURCES)
     positive(config, "gan.layer", integer=True, minimum=-1)
     positive(config, "gan.width", integer=True, minimum=0)
+    real = g.get("data_source", "")
+    if real and not tfds_data.is_tfds(real):
+      fail("gan.data_source", real, "'' (the teacher's training data) or 'tfds:NAME'")
+    if g.enabled and real and files:
+      tfds_data.check(real, g.tfds_dir, "train", fields=("config.gan.data_source",
+                                                          "config.gan.tfds_dir", "split"))
     # A family with a token grid and real data says so with has_gan(config).
     if g.enabled and not getattr(family, "has_gan", lambda _: False)(config):
       fail("gan.enabled", True, "False for this teacher family (the GAN term needs its "
@@ -198,13 +205,17 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
 
 def mesh_sizes(config, num_devices: int) -> dict[str, int]:
   """{data, fsdp, tensor, context} of config.mesh (missing axes = 1, one -1 filled in)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from pdmd_jax import sharding as sh  # pylint: disable=import-outside-toplevel
+  devices = f"{num_devices} devices"
+  if jax.process_count() > 1 and num_devices == jax.device_count():
+    devices += f" ({jax.process_count()} processes x {jax.local_device_count()})"
   try:
     sizes = sh.mesh_sizes(dict(config.mesh), num_devices)
   except ValueError as e:
-    fail("mesh", dict(config.mesh), f"axis sizes whose product is {num_devices} devices ({e})")
+    fail("mesh", dict(config.mesh), f"axis sizes whose product is {devices} ({e})")
   if any(v == -1 for v in sizes.values()) or np.prod(list(sizes.values())) != num_devices:
-    fail("mesh", dict(config.mesh), f"axis sizes whose product is {num_devices} devices")
+    fail("mesh", dict(config.mesh), f"axis sizes whose product is {devices}")
   b = sizes["data"] * sizes["fsdp"]
   if config.train.batch_size % b:
     fail("train.batch_size", config.train.batch_size, f"a multiple of data x fsdp = {b}")

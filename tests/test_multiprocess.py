@@ -98,9 +98,19 @@ def test_launcher_env_and_errors(tmp_path):
 @pytest.mark.slow      # two Wan runs (~3 min)
 def test_two_processes_equal_one_on_the_tiny_wan(tmp_path):
   """configs/wan22.py:tiny (MoE teacher, LoRA experts on each phase's expert, full fake pairs,
-  blockwise attention, scanned + rematerialised blocks), batch 8: 2 processes x 4 devices
-  equal 1 x 8 (this process)."""
-  spec, extra = "configs/wan22.py:tiny", ["--config.train.batch_size=8"]
+  blockwise attention, scanned + rematerialised blocks), batch 8, prompt embeddings streamed
+  from a file (each process reads its 4 batch columns): 2 processes x 4 devices equal 1 x 8
+  (this process)."""
+  from pdmd_jax.families import prompts  # pylint: disable=import-outside-toplevel
+  spec = "configs/wan22.py:tiny"
+  config = configs.load(spec)
+  config.train.batch_size = 8
+  dim = trainer.build(config).asm.abstract_y["context"].shape[-1]
+  emb = str(tmp_path / "prompts.safetensors")
+  prompts.save_embeddings(emb, prompts.random_embeddings(24, 8, dim, seed=3))
+  config.data.embeddings, config.data.stream, config.data.eval_prompts = emb, True, 8
+  extra = ["--config.train.batch_size=8", f"--config.data.embeddings={emb}",
+           "--config.data.stream=True", "--config.data.eval_prompts=8"]
   w2, w1 = str(tmp_path / "p2"), str(tmp_path / "p1")
   r = subprocess.run([sys.executable, "-m", "pdmd_jax.launch", "--num_processes=2",
                       "--cpu_devices=4", f"--logdir={tmp_path / 'logs'}", "--",
@@ -108,8 +118,6 @@ def test_two_processes_equal_one_on_the_tiny_wan(tmp_path):
                       f"--workdir={w2}", *extra], env=_env(tmp_path), cwd=ROOT,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
-  config = configs.load(spec)
-  config.train.batch_size = 8
   one = trainer.train_and_evaluate(config, w1, evaluate_phases=False, verbose=False)
   two = json.load(open(os.path.join(w2, "metrics.json")))
   for k in ("mse_to_teacher", "student/diversity", "boundary_1/mse_to_teacher"):
@@ -117,3 +125,17 @@ def test_two_processes_equal_one_on_the_tiny_wan(tmp_path):
   (_, s2), (_, s1) = (trainer.restore_latest(config, w) for w in (w2, w1))
   assert int(s2.step) == int(s1.step) == config.train.num_steps
   chex.assert_trees_all_close(jax.device_get(s2), jax.device_get(s1), **TOL)
+
+
+@pytest.mark.slow      # two processes start, validate and stop (~20 s)
+def test_mesh_that_does_not_fit_the_processes_is_refused_before_anything_is_written(tmp_path):
+  w = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "pdmd_jax.launch", "--num_processes=2",
+                      "--cpu_devices=4", f"--logdir={tmp_path / 'logs'}", "--",
+                      os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, SPEC)}",
+                      f"--workdir={w}", "--config.mesh.data=3"], env=_env(tmp_path), cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert ("Configuration error: config.mesh=" in r.stderr and
+          "product is 8 devices (2 processes x 4)" in r.stderr), r.stderr[-3000:]
+  assert not w.exists()

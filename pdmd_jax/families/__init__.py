@@ -75,6 +75,10 @@ class Family:
   # (batch_size, seed) -> a random-access grain MapDataset whose element i is real batch i,
   # {"x": [N, *sample_shape] float32, "y": [N] int32} (the GAN's real data). None: data-free.
   real_data: Callable | None = None
+  # (batch_shape, seed, columns) -> a random-access grain MapDataset whose element i is update
+  # i's conditioning (numpy, sample_cond's structure), columns ``columns`` of axis 1 only (this
+  # process's batch shard), read from disk (data.stream). None: sample_cond draws it in the step.
+  cond_data: Callable | None = None
   # x [B, *sample_shape] -> features [B, F] of clean samples (the ODE anchor's "features"
   # distance); None: the family has none.
   features: Callable | None = None

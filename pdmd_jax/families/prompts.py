@@ -19,6 +19,15 @@ and metadata (safetensors string metadata / npz 0-d string arrays): ``format``, 
 ``{"index": [*shape], "context": [*shape, L, D], "negative": ..., "condition": ...}`` (with
 ``masks=True`` also ``"mask"`` and ``"negative_mask"``, bool); the table lives on the
 accelerators (a constant of the sampler), so keep it to a few GB.
+
+Tables of real scale (a released recipe's ~30k prompts: ~125 GB of umT5 states in bf16) are
+streamed instead (``data.stream``): ``EmbeddingRows`` reads single prompts' rows from the
+.safetensors file (safetensors slices: nothing else is read), and ``stream_dataset`` is a grain
+MapDataset whose element i is update i's conditioning, prompts drawn without replacement within
+each epoch (a per-epoch shuffle) -- a pure function of (seed, i), so the update index is the
+whole data position and resuming at a step reads what the uninterrupted run read. Each process
+reads only the columns of its batch shard. Evaluation and sampling draw their prompts from the
+file's first ``data.eval_prompts`` rows, held like a small table.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -129,17 +139,27 @@ def save_embeddings(path: str, emb: Embeddings):
     raise ValueError(f"{path}: the embeddings file must end in .safetensors or .npz")
 
 
-def load_embeddings(path: str) -> Embeddings:
-  """Reads a file written by ``save_embeddings`` (format ``pdmd_jax.wan_embeddings.v1``)."""
+PER_PROMPT = ("context", "condition", "mask")     # tensors with one row per prompt
+
+
+def load_embeddings(path: str, rows: int | None = None) -> Embeddings:
+  """Reads a file written by ``save_embeddings`` (format ``pdmd_jax.wan_embeddings.v1``);
+  ``rows``: only the first ``rows`` prompts (read as slices from a .safetensors file)."""
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
     meta = {k: str(arrays.pop(k)) for k in ("format", "prompts", "negative_prompt", "encoder",
                                             "text_len") if k in arrays}
+    if rows is not None:
+      arrays = {k: v[:rows] if k in PER_PROMPT else v for k, v in arrays.items()}
   else:
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     with safe_open(path, framework="np") as f:
-      arrays = {k: f.get_tensor(k) for k in f.keys()}
+      if rows is None:
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+      else:
+        arrays = {k: f.get_slice(k)[:rows] if k in PER_PROMPT else f.get_tensor(k)
+                  for k in f.keys()}
       meta = f.metadata() or {}
   if meta.get("format", FORMAT) != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r}; expected {FORMAT!r}")
@@ -148,10 +168,11 @@ def load_embeddings(path: str) -> Embeddings:
   unknown = sorted(set(arrays) - set(TENSORS))
   if unknown:
     raise ValueError(f"{path}: unexpected tensors {unknown}; allowed: {', '.join(TENSORS)}")
+  names = json.loads(meta.get("prompts", "[]"))
   return Embeddings(context=arrays["context"], negative=arrays.get("negative"),
                     condition=arrays.get("condition"), mask=arrays.get("mask"),
                     negative_mask=arrays.get("negative_mask"),
-                    prompts=json.loads(meta.get("prompts", "[]")),
+                    prompts=names if rows is None else names[:rows],
                     negative_prompt=meta.get("negative_prompt", ""),
                     encoder=meta.get("encoder", ""), text_len=int(meta.get("text_len", 512)))
 
@@ -205,17 +226,26 @@ def random_embeddings(num: int, length: int, dim: int, *, seed: int = 0,
                     text_len=length, mask=mask, negative_mask=neg_mask)
 
 
+def _tokens(context_len: int, negative: np.ndarray | None) -> int:
+  """Token count of the conditioning: with a negative, one count for both (CFG swaps them)."""
+  return context_len if negative is None else max(context_len, negative.shape[0])
+
+
+def _pad_tokens(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+  pad = [(0, 0)] * a.ndim
+  pad[axis] = (0, n - a.shape[axis])
+  return np.pad(a, pad)
+
+
 def make_cond_fn(emb: Embeddings, use_negative: bool = True, *, masks: bool = False):
   """(key, shape) -> {"index", "context", ["negative"], ["condition"]}, prompts drawn uniformly;
   ``masks``: also "mask" [*shape, L] and (with "negative") "negative_mask", bool."""
   context, negative = emb.context, emb.negative if use_negative else None
   mask, neg_mask = emb.masks()
   if negative is not None:   # one token count for both (CFG swaps them): zero-pad the shorter
-    n = max(context.shape[1], negative.shape[0])
-    context = np.pad(context, ((0, 0), (0, n - context.shape[1]), (0, 0)))
-    negative = np.pad(negative, ((0, n - negative.shape[0]), (0, 0)))
-    mask = np.pad(mask, ((0, 0), (0, n - mask.shape[1])))
-    neg_mask = np.pad(neg_mask, (0, n - neg_mask.shape[0]))
+    n = _tokens(context.shape[1], negative)
+    context, mask = _pad_tokens(context, n, 1), _pad_tokens(mask, n, 1)
+    negative, neg_mask = _pad_tokens(negative, n, 0), _pad_tokens(neg_mask, n, 0)
 
   def cond_fn(key, shape):
     idx = jax.random.randint(key, shape, 0, emb.num)
@@ -239,3 +269,129 @@ def negative_cond(y):
   if "negative_mask" in y:
     out["mask"] = y["negative_mask"]
   return out
+
+
+# ============================================================================================
+# Streaming (data.stream): the table stays on disk
+# ============================================================================================
+
+class EmbeddingRows:
+  """Random access to single prompts of a .safetensors embeddings file.
+
+  ``rows(idx)`` reads only the prompts in ``idx`` (safetensors slices) and returns the
+  conditioning pytree of ``make_cond_fn`` for them, as numpy, with the same token padding and
+  dtypes; the negative prompt (one row) is read once. Each thread opens its own handle.
+  """
+
+  def __init__(self, path: str, use_negative: bool = True, *, masks: bool = False):
+    if not path.endswith(".safetensors"):
+      raise ValueError(f"config.data.embeddings={path!r}: streaming (config.data.stream=True) "
+                       "reads rows of a .safetensors file; convert the .npz with "
+                       "prompts.save_embeddings(<name>.safetensors, prompts.load_embeddings(...))")
+    shapes = embedding_shapes(path)
+    self.path, self.masks = path, masks
+    self.num, length = shapes["context"][0], shapes["context"][1]
+    self.has_mask, self.has_condition = shapes["mask"] is not None, shapes["condition"] is not None
+    self._local = threading.local()
+    self.negative = self.negative_mask = None
+    if use_negative and shapes["negative"] is not None:
+      head = load_embeddings(path, rows=0)
+      self.negative = head.negative
+      self.negative_mask = head.masks()[1]
+    self.tokens = _tokens(length, self.negative)
+    if self.negative is not None:
+      self.negative = _pad_tokens(self.negative, self.tokens, 0)
+      self.negative_mask = _pad_tokens(self.negative_mask, self.tokens, 0)
+
+  def _file(self):
+    f = getattr(self._local, "f", None)
+    if f is None:
+      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+      f = self._local.f = safe_open(self.path, framework="np")
+    return f
+
+  def _read(self, name: str, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (any shape) of tensor ``name``: each distinct prompt read once."""
+    sl = self._file().get_slice(name)
+    uniq, inv = np.unique(idx.reshape(-1), return_inverse=True)
+    got = np.stack([sl[int(i):int(i) + 1][0] for i in uniq])
+    return got[inv].reshape(idx.shape + got.shape[1:])
+
+  def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    idx = np.asarray(idx)
+    context = _pad_tokens(self._read("context", idx), self.tokens, idx.ndim)
+    y = {"index": idx.astype(np.int32), "context": context}
+    if self.masks:
+      if self.has_mask:
+        mask = self._read("mask", idx).astype(bool)
+      else:
+        mask = np.any(np.asarray(context, np.float32) != 0, axis=-1)
+      y["mask"] = _pad_tokens(mask, self.tokens, idx.ndim)
+    if self.negative is not None:
+      y["negative"] = np.broadcast_to(self.negative, idx.shape + self.negative.shape)
+      if self.masks:
+        y["negative_mask"] = np.broadcast_to(self.negative_mask, idx.shape +
+                                             self.negative_mask.shape)
+    if self.has_condition:
+      y["condition"] = self._read("condition", idx)
+    return y
+
+  def __getstate__(self):      # grain may copy the source to worker processes
+    state = dict(self.__dict__)
+    del state["_local"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._local = threading.local()
+
+
+def stream_dataset(source: EmbeddingRows, batch_shape: tuple[int, ...], seed: int,
+                   columns: slice = slice(None)):
+  """A grain MapDataset whose element i is update i's conditioning, [*batch_shape] prompts (a
+  per-epoch shuffle of the file's rows, seeded): the columns ``columns`` of axis 1 (this
+  process's batch shard), read from disk on access."""
+  import grain  # pylint: disable=import-outside-toplevel
+  size = int(np.prod(batch_shape))
+  order = grain.MapDataset.range(source.num).shuffle(seed=seed).repeat().batch(size)
+  return order.map(lambda idx: source.rows(np.asarray(idx).reshape(batch_shape)[:, columns]))
+
+
+def conditioning(data, table, use_negative: bool, *, masks: bool = False):
+  """(sample_cond, cond_data) of a text family's ``Family``.
+
+  table: () -> the in-memory ``Embeddings`` (the file, or the random stand-in). With
+  ``data.stream``: sample_cond draws from the first ``data.eval_prompts`` rows only (evaluation,
+  sampling and the step's abstract shapes) and cond_data streams the training conditioning
+  (``stream_dataset``); otherwise cond_data is None and the whole table is the sampler's.
+  """
+  if not data.get("stream", False):
+    return make_cond_fn(table(), use_negative, masks=masks), None
+  head = load_embeddings(data.embeddings, rows=data.eval_prompts)
+  source = EmbeddingRows(data.embeddings, use_negative, masks=masks)
+  return (make_cond_fn(head, use_negative, masks=masks),
+          lambda batch_shape, seed, columns: stream_dataset(source, batch_shape, seed, columns))
+
+
+def check_stream(config):
+  """data.stream (bool) and, when on, data.eval_prompts and a .safetensors data.embeddings."""
+  from pdmd_jax import validation as V  # pylint: disable=import-outside-toplevel
+  d = config.data
+  if not isinstance(d.get("stream", False), bool):
+    V.fail("data.stream", d.stream, [True, False])
+  if not d.get("stream", False):
+    return
+  V.positive(config, "data.eval_prompts", integer=True)
+  if not d.embeddings.endswith(".safetensors"):
+    V.fail("data.embeddings", d.embeddings, "a .safetensors embeddings file when data.stream="
+           "True (rows are read from disk; the random stand-in and .npz files are tables)")
+
+
+def table_bytes(data, shapes, nbytes: int) -> tuple[int, str]:
+  """(bytes held on every device, what they are): the whole file, or with data.stream only the
+  first data.eval_prompts rows (the per-prompt tensors' share)."""
+  if not data.get("stream", False):
+    return nbytes, "the table is held on every device; stream it (config.data.stream=True)"
+  n = shapes["context"][0]
+  return (nbytes * min(data.eval_prompts, n) // n,
+          "its first data.eval_prompts rows are held on every device for evaluation")

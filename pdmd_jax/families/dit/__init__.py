@@ -73,12 +73,18 @@ def has_gan(config) -> bool:
   return card is not None and not cfg.scan_layers
 
 
-def _real_data(cfg: dit_lib.DiTConfig, card: dict):
+def _real_data(cfg: dit_lib.DiTConfig, card: dict, gan):
   """(batch_size, seed) -> MapDataset of real batches through the teacher's own data pipeline:
-  the MNIST training digits, or moving-digit clips of them with the card's clip settings."""
+  the MNIST training digits, or moving-digit clips of them with the card's clip settings; or
+  the prepared tfds dataset gan.data_source ('tfds:NAME')."""
   def make(batch_size: int, seed: int):
-    from pdmd_jax.data import mnist, moving_digits  # pylint: disable=import-outside-toplevel
-    if cfg.video:
+    from pdmd_jax.data import mnist, moving_digits, tfds_data  # pylint: disable=import-outside-toplevel
+    if tfds_data.is_tfds(gan.get("data_source", "")):
+      src = {"source": gan.data_source, "tfds_dir": gan.tfds_dir}
+      ds = tfds_data.dataset(src, "train", batch_size, seed, size=cfg.image_size,
+                             frames=cfg.frames if cfg.video else 0)
+      key = "video" if cfg.video else "image"
+    elif cfg.video:
       ds, key = moving_digits.dataset("train", batch_size, seed, **card.get("data", {})), "video"
     else:
       ds, key = mnist.dataset("train", batch_size, seed), "image"
@@ -124,7 +130,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       features=image_metrics.feature_map() if has_features(config) else None,
       score_features=None if cfg.scan_layers else (
           lambda p, x, t, y: net.apply_features(p, x, t, y, layer)),
-      real_data=None if card is None else _real_data(cfg, card),
+      real_data=None if card is None else _real_data(cfg, card, config.get("gan") or {}),
       extras=MappingProxyType({"card": card, "dit_config": cfg}),
       **common.adapters(config, net.apply, params, axes, abstract=abstract))
 

@@ -81,6 +81,7 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
     V.positive(config, f, integer=True)
   V.positive(config, "eval.decode", integer=True, minimum=0)
   V.positive(config, "data.max_table_gb")
+  prompts.check_stream(config)
   for f in ("data.height", "data.width"):
     if V.get(config, f) % (2 * W.VAE_STRIDE):
       V.fail(f, V.get(config, f), f"a multiple of {2 * W.VAE_STRIDE} (VAE stride "
@@ -149,10 +150,12 @@ def _check_inputs(config):
     raise ValueError(f"{where}: no 'negative' embedding, but teacher.guidance_scale != 1 needs "
                      f"one for true CFG (write it with --negative_prompt, {W.NEGATIVE_PROMPT!r} "
                      "by default)")
-  if nbytes > d.max_table_gb * 2**30:
-    raise ValueError(f"{where}: {nbytes / 2**30:.1f} GB of embeddings > "
-                     f"config.data.max_table_gb={d.max_table_gb}: the table is held on every "
-                     "device; use fewer prompts (or raise the limit)")
+  held, what = nbytes, "the random stand-in is held on every device"
+  if d.embeddings:
+    held, what = prompts.table_bytes(d, shapes, nbytes)
+  if held > d.max_table_gb * 2**30:
+    raise ValueError(f"{where}: {held / 2**30:.1f} GB of embeddings > "
+                     f"config.data.max_table_gb={d.max_table_gb}: {what}")
 
 
 def uses_cfg(config) -> bool:
@@ -232,11 +235,12 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   params = qi.abstract_params(cfg)
   if abstract:
-    sample_cond = _abstract_cond(config, cfg)
+    sample_cond, cond_data = _abstract_cond(config, cfg), None
   else:
     shardings = sh.logical_shardings(mesh, params, axes) if not t.random else None
     cfg, params = W.load_teacher(config, shardings)
-    sample_cond = prompts.make_cond_fn(embeddings(config, cfg), uses_cfg(config), masks=True)
+    sample_cond, cond_data = prompts.conditioning(d, lambda: embeddings(config, cfg),
+                                                  uses_cfg(config), masks=True)
   # The frozen teacher's block weights (also the LoRA experts' backbone) in the compute dtype;
   # trainable copies (full fakes) and their moments stay in model.param_dtype.
   teacher_params = common.cast_linears(params, teacher_dtype(config), "transformer_blocks")
@@ -249,6 +253,6 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       name="qwen_image", teacher=teacher, teacher_params=teacher_params, teacher_axes=axes,
       apply=net.apply, sample_shape=W.latent_shape(cfg.out_channels, d.height, d.width),
       attention_shape=(image_tokens(cfg, d) + d.text_len, cfg.num_attention_heads),
-      sample_cond=sample_cond, evaluator="latent_eval",
+      sample_cond=sample_cond, cond_data=cond_data, evaluator="latent_eval",
       extras=MappingProxyType({"qwen_config": cfg, "net": net, "decode": ("images", W.decode)}),
       **common.adapters(config, net.apply, params, axes, abstract=abstract, defer=BLOCKS))

@@ -89,6 +89,7 @@ def validate(config, plan, *, files: bool = True):
             "data.random_prompts", "data.random_length", "eval.batch_size"):
     V.positive(config, f, integer=True)
   V.positive(config, "data.max_table_gb")
+  prompts.check_stream(config)
   st, s_h, _ = W.VAE_STRIDE
   if (d.num_frames - 1) % st:
     V.fail("data.num_frames", d.num_frames, f"1 + a multiple of {st} (e.g. 81 -> {81 // st + 1} "
@@ -165,10 +166,12 @@ def _check_inputs(config):
     if tuple(cond_shape) != want:
       raise ValueError(f"{where}: condition shape {tuple(cond_shape)} != {want} for "
                        f"{d.num_frames} frames at {d.height}x{d.width}")
-  if nbytes > d.max_table_gb * 2**30:
-    raise ValueError(f"{where}: {nbytes / 2**30:.1f} GB of embeddings > "
-                     f"config.data.max_table_gb={d.max_table_gb}: the table is held on every "
-                     "device; use fewer prompts (or raise the limit)")
+  held, what = nbytes, "the random stand-in is held on every device"
+  if d.embeddings:
+    held, what = prompts.table_bytes(d, shapes, nbytes)
+  if held > d.max_table_gb * 2**30:
+    raise ValueError(f"{where}: {held / 2**30:.1f} GB of embeddings > "
+                     f"config.data.max_table_gb={d.max_table_gb}: {what}")
 
 
 def expert_of_phases(plan, boundary: float) -> tuple[int, ...]:
@@ -294,11 +297,12 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   expert = wan.abstract_params(cfg)
   if abstract:
     experts = (expert, expert)
-    sample_cond = _abstract_cond(config, cfg)
+    sample_cond, cond_data = _abstract_cond(config, cfg), None
   else:
     shardings = sh.logical_shardings(mesh, expert, axes) if not t.random else None
     cfg, experts = W.load_teacher(config, shardings)
-    sample_cond = prompts.make_cond_fn(embeddings(config, cfg), uses_cfg(config))
+    sample_cond, cond_data = prompts.conditioning(d, lambda: embeddings(config, cfg),
+                                                  uses_cfg(config))
   # The frozen teacher's block weights (also the LoRA experts' backbone) in the compute dtype;
   # trainable copies (full fakes) and their moments stay in model.param_dtype.
   teacher_params = _cast(experts, teacher_dtype(config))
@@ -330,5 +334,5 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       name="wan22", teacher=teacher, teacher_params=teacher_params, teacher_axes=(axes, axes),
       apply=moe, sample_shape=W.latent_shape(cfg.out_channels, d.num_frames, d.height, d.width),
       attention_shape=(tokens(cfg, d), cfg.num_attention_heads),
-      sample_cond=sample_cond, evaluator="latent_eval",
+      sample_cond=sample_cond, cond_data=cond_data, evaluator="latent_eval",
       extras=MappingProxyType({"wan_config": cfg, "expert_net": net}), **out)
