@@ -168,3 +168,18 @@ def test_features_on_the_token_grid_and_the_gan_head(frames):
   logits = head.apply(head.params, f)
   assert logits.shape == (3,) and np.all(np.isfinite(logits))
   assert np.ptp(np.asarray(logits)) > 1e-4
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (2, 8, 8)])
+def test_gan_head_convs_equal_nnx_conv(grid):
+  """The head's slice-and-matmul convolutions (fast inside the TTUR loop on XLA:CPU) give
+  nnx.Conv's numbers with nnx.Conv's parameters, for every layer of the pyramid."""
+  from pdmd_jax.models import gan_head  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  module = gan_head.GanHead(grid, 16, 8, rngs=nnx.Rngs(0))
+  h = jax.random.normal(jax.random.PRNGKey(1), (3, *grid, 16))
+  for layer, (strides, padding) in zip(module.convs, module.specs):
+    got = gan_head.conv(h, layer.kernel[...], layer.bias[...], strides, padding)
+    np.testing.assert_allclose(got, layer(h), rtol=1e-5, atol=1e-5)
+    assert got.shape[-1] == 8
+    h = jax.nn.silu(got)
