@@ -118,7 +118,7 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   workdir = os.path.join(_WORK.value, suite, f"{row_id}_s{seed}")
   done = os.path.join(workdir, "metrics.json")
   if os.path.exists(done):
-    return json.load(open(done))
+    return {**json.load(open(done)), "seed": seed}
   if _CACHED.value:
     return None
   shutil.rmtree(workdir, ignore_errors=True)
@@ -132,6 +132,7 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
   out["wall_s"] = time.time() - t0
   out["overrides"] = overrides
+  out["seed"] = seed
   os.makedirs(shared, exist_ok=True)
   for f in os.listdir(workdir):
     if f.startswith("teacher_samples") and not os.path.exists(os.path.join(shared, f)):
@@ -146,19 +147,33 @@ def _mean_std(runs, key):
   return float(v.mean()), float(v.std())
 
 
+def paired(base_runs, runs, key):
+  """Per-seed differences row - baseline of ``key`` over the seeds both have: (mean, sd, n,
+  half-width of the 95% paired-t interval; nan for n < 2). Seeds share the initialisation, the
+  data order and the evaluation noise across rows, so the seed-to-seed spread (baseline FD to
+  the teacher 7.1 vs 8.5 on seeds 0 and 1) largely cancels in the difference."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  by_seed = {r["seed"]: r[key] for r in base_runs if key in r}
+  d = np.asarray([r[key] - by_seed[r["seed"]] for r in runs
+                  if key in r and r["seed"] in by_seed], np.float64)
+  if d.size < 2:
+    return (float(d.mean()) if d.size else float("nan")), float("nan"), int(d.size), float("nan")
+  sd = float(d.std(ddof=1))
+  return float(d.mean()), sd, int(d.size), float(stats.t.ppf(0.975, d.size - 1) * sd / np.sqrt(d.size))
+
+
 def best_terms(results) -> list[str]:
-  """Terms whose mean FD to the teacher beats the baseline's by more than the two rows' seed
-  stds together (lower is better)."""
+  """Terms that lower the FD to the teacher outside seed noise: the paired difference to the
+  baseline is negative and its 95% paired-t interval excludes 0 (every seed run)."""
   base = results.get("baseline")
   if not base:
     return []
-  mb, sb = _mean_std(base, "student/fd_reference")
   out = []
   for row_id, _, _ in MNIST_TERMS:
     runs = results.get(row_id)
     if runs and len(runs) == len(base):
-      m, s = _mean_std(runs, "student/fd_reference")
-      if mb - m > sb + s:
+      m, _, n, half = paired(base, runs, "student/fd_reference")
+      if n >= 2 and m + half < 0:
         out.append(row_id)
   return out
 
@@ -236,6 +251,35 @@ def _rows(results, names, metrics, extra=()):
   return out
 
 
+PAIRED = [("fd_reference", "Δ FD teacher"), ("fd_real", "Δ FD real"),
+          ("accuracy", "Δ class acc."), ("pixel_l2", "Δ pixel L2"), ("saturation", "Δ saturation")]
+
+
+def _paired_table(results, names) -> str:
+  """Each term minus the baseline, seed by seed: mean ± 95% paired-t half-width (n seeds);
+  * marks an interval that excludes 0."""
+  base = results.get("baseline")
+  if not base:
+    return ""
+  lines = ["\nPaired differences to the baseline (row - baseline on the same seed; mean ± the "
+           "95% paired-t half-width over the seeds both have; * = the interval excludes 0, "
+           "i.e. outside seed noise):\n",
+           "| row | seeds | " + " | ".join(label for _, label in PAIRED) + " |",
+           "|" + "---|" * (2 + len(PAIRED))]
+  for row_id, runs in results.items():
+    if row_id == "baseline":
+      continue
+    cells, n = [], 0
+    for key, _ in PAIRED:
+      m, _, n, half = paired(base, runs, f"student/{key}")
+      if np.isnan(half):
+        cells.append(f"{m:+.3g}" if n else "")
+      else:
+        cells.append(f"{m:+.3g} ± {half:.2g}" + (" *" if abs(m) > half else ""))
+    lines.append(f"| {names[row_id]} | {n} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def write(tables):
   os.makedirs(_OUT.value, exist_ok=True)
   parts = ["# The released recipes' terms, measured (`experiments/recipe_ablation.py`)\n\n"
@@ -252,6 +296,7 @@ def write(tables):
     parts.append(gmm_metrics.markdown_table(
         _rows(results, names, MNIST_METRICS, [("gen_clipped_fraction", "clipped steps")]), cols)
         + "\n")
+    parts.append(_paired_table(results, names))
   if "ring" in tables:
     results, names = tables["ring"]
     cols = ["row", "seeds"] + [label for _, label in RING_METRICS]
