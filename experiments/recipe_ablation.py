@@ -130,6 +130,9 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
       (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(workdir, f))
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  if "stopped_at_step" in out:       # preempted (SIGTERM) or stopped early: not a result
+    sys.exit(f"{suite}/{row_id} seed {seed}: stopped at step {out['stopped_at_step']} "
+             f"({out.get('preempted') or out.get('stopped_early')}); rerun to resume")
   out["wall_s"] = time.time() - t0
   out["overrides"] = overrides
   out["seed"] = seed
