@@ -49,6 +49,9 @@ def test_exact_samples_score_perfectly(exact_pair):
   np.testing.assert_allclose(sum(report["mode_weights"]), 1.0, rtol=1e-12)
   assert abs(report["std_ratio"] - 1.0) < 0.03
   assert report["std_ratio"] == pytest.approx(gm.intra_mode_std_ratio(x, gmm))
+  assert abs(report["rms_std_ratio"] - 1.0) < 0.03
+  assert report["rms_std_ratio"] == pytest.approx(gm.intra_mode_rms_ratio(x, gmm))
+  assert report["outlier_fraction"] == pytest.approx(1e-3, abs=1e-3)   # the 99.9% radius
   assert report["sliced_wasserstein"] < 0.05
   assert report["mmd"] < 5e-3
   assert all(isinstance(v, float) for k, v in report.items() if k != "mode_weights")
@@ -84,6 +87,28 @@ def test_std_ratio_robust_to_outliers_between_modes():
   naive = np.sqrt(np.mean(np.sum((x - means[idx]) ** 2, 1) / gmm.dim)) / 0.15
   assert naive > 1.15  # a plain RMS would be dominated by the outliers ...
   assert abs(gm.intra_mode_std_ratio(x, gmm) - 1.0) < 0.06  # ... the median-based one is not
+
+
+def test_narrow_core_with_heavy_tails_against_the_closed_forms():
+  """Each ring mode's offsets scaled by 0.7 (85% of samples) or 2.0 (15%): the variance is
+  about right (rms ratio sqrt(.85 .49 + .15 4) = 1.008) while the core is too narrow (the
+  median-based ratio solves .85 F(m / .49) + .15 F(m / 4) = 1/2 with F the chi2_2 CDF) and
+  15% x P(chi2_2 > (r / 2 tau)^2) = .15 exp(-r^2 / 8 tau^2) of the samples lie beyond the
+  99.9% radius r. The distilled ring's modes look like this (docs/results/gmm_ring.md)."""
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  gmm = GMMS["ring"]
+  x, mode = _exact(gmm, 3)
+  mu = np.asarray(gmm.means, np.float64)[mode]
+  scale = np.where(np.random.default_rng(0).random(N) < 0.15, 2.0, 0.7)[:, None]
+  x = mu + scale * (x - mu)
+  cdf = lambda v: 1.0 - np.exp(-v / 2.0)
+  m = optimize.brentq(lambda m: 0.85 * cdf(m / 0.49) + 0.15 * cdf(m / 4.0) - 0.5, 1e-3, 50.0)
+  report = gm.gmm_report(x, gmm)
+  assert report["std_ratio"] == pytest.approx(np.sqrt(m / (2 * np.log(2))), abs=0.02)
+  assert report["std_ratio"] < 0.85
+  assert report["rms_std_ratio"] == pytest.approx(np.sqrt(0.85 * 0.49 + 0.15 * 4.0), abs=0.03)
+  r_over_tau = np.sqrt(-2.0 * np.log(1e-3))
+  assert report["outlier_fraction"] == pytest.approx(0.15 * np.exp(-r_over_tau**2 / 8.0), abs=4e-3)
 
 
 def test_coverage_requires_samples_inside_the_mode_radius():

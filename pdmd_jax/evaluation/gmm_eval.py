@@ -58,7 +58,8 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
 
 
 def metrics_markdown(out: dict) -> str:
-  cols = ["modes_covered", "weight_error_max", "std_ratio", "sliced_wasserstein", "mmd"]
+  cols = ["modes_covered", "weight_error_max", "std_ratio", "rms_std_ratio", "outlier_fraction",
+          "sliced_wasserstein", "mmd"]
   rows = []
   for who, label in (("teacher", "teacher (many-step Euler)"), ("student", "distilled (few-step)")):
     row = {"sampler": label}

@@ -118,6 +118,42 @@ def _std_ratio(x, idx, dist, gmm, min_count: int) -> float:
   return num / den if den > 0 else float("nan")
 
 
+def _rms_ratio(x, idx, dist, gmm, min_count: int) -> float:
+  means, stds, weights = _gmm_np(gmm)
+  dim = means.shape[1]
+  gate = STD_GATE_RADII * mode_radii(gmm)
+  num, den = 0.0, 0.0
+  for i in range(means.shape[0]):
+    sel = (idx == i) & (dist <= gate[i])
+    if np.sum(sel) < min_count:
+      continue
+    s_i = math.sqrt(np.mean(np.sum((x[sel] - means[i]) ** 2, axis=1)) / dim)
+    num += weights[i] * s_i / stds[i]
+    den += weights[i]
+  return num / den if den > 0 else float("nan")
+
+
+def intra_mode_rms_ratio(x, gmm, min_count: int = 10) -> float:
+  """``intra_mode_std_ratio`` with the root mean square in place of the median: s_i =
+  sqrt(mean ||x - mu_i||^2 / D) over the same samples (within 4 r_i of mu_i).
+
+  Read together with the (median-based) std ratio: for Gaussian modes both are 1.0; a mode with
+  a narrow core and heavy tails has std_ratio < 1 < rms_std_ratio (the core is too tight while
+  the variance is too large), which a single number would hide.
+  """
+  x = _np(x)
+  idx, dist = assign_modes(x, gmm)
+  return _rms_ratio(x, idx, dist, gmm, min_count)
+
+
+def outlier_fraction(x, gmm) -> float:
+  """Fraction of samples farther from their nearest mode than its radius r_i (the ball with
+  99.9% of an exact mode's mass): 0.001 for exact samples; stranded and tail samples raise it."""
+  x = _np(x)
+  idx, dist = assign_modes(x, gmm)
+  return float(np.mean(dist > mode_radii(gmm)[idx]))
+
+
 def intra_mode_std_ratio(x, gmm, min_count: int = 10) -> float:
   """sum_i pi_i (s_i / tau_i) / sum_i pi_i over modes with >= min_count samples.
 
@@ -212,8 +248,10 @@ def boundary_distance(x_t, gmm, alpha: float) -> float:
 def gmm_report(x, gmm, reference=None) -> dict[str, Any]:
   """All mixture metrics of samples x (assignment computed once); SW2 and MMD^2 vs reference.
 
-  Keys: modes_covered, num_modes, weight_error_max, weight_error_mean, std_ratio,
-  mode_weights (list, per mode) and, with a reference, sliced_wasserstein and mmd.
+  Keys: modes_covered, num_modes, weight_error_max, weight_error_mean, std_ratio (median-based:
+  the width of a mode's core), rms_std_ratio (root mean square: its variance), outlier_fraction
+  (beyond the 99.9% radius; exact: 0.001), mode_weights (list, per mode) and, with a reference,
+  sliced_wasserstein and mmd.
   """
   x = _np(x)
   num_modes = gmm.means.shape[0]
@@ -226,6 +264,8 @@ def gmm_report(x, gmm, reference=None) -> dict[str, Any]:
       "weight_error_max": float(np.max(err)),
       "weight_error_mean": float(np.mean(err)),
       "std_ratio": float(_std_ratio(x, idx, dist, gmm, 10)),
+      "rms_std_ratio": float(_rms_ratio(x, idx, dist, gmm, 10)),
+      "outlier_fraction": float(np.mean(dist > mode_radii(gmm)[idx])),
       "mode_weights": [float(w) for w in w_hat],
   }
   if reference is not None:
