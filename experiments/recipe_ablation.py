@@ -9,7 +9,8 @@ combination, optical flow against the teacher's. Every row's runs are cached in 
 (``--workroot``), so an interrupted sweep resumes; tables are rewritten after every run.
 
   python experiments/recipe_ablation.py --suites=ring,mnist --seeds=0,1,2
-  python experiments/recipe_ablation.py --suites=video --seeds=0,1 --video_steps=100
+  python experiments/recipe_ablation.py --suites=mnist,video --seeds=0,1,2 --video_seeds=0,1 \
+      --video_steps=100 --video_terms=anchor,cfg_norm
 
 Writes ``docs/results/recipes.md`` and ``recipes.json``.
 """
@@ -42,6 +43,10 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these row ids.")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_recipes", "Scratch workdirs (the cache).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only (run nothing).")
+_VIDEO_TERMS = flags.DEFINE_list(
+    "video_terms", [], "MNIST term ids to run on video, each alone beside the baseline, in "
+    "addition to the best combination (e.g. anchor,cfg_norm when no combination is selected).")
+_VIDEO_SEEDS = flags.DEFINE_list("video_seeds", ["0", "1"], "Seeds of the video rows.")
 
 # MNIST: (row id, name, leaf overrides). The recipes' values: LightX2V's anchor weight 0.05 and
 # IDA 0.97, DMD2's GAN weights (generator 3e-3, discriminator 1e-2), an EMA that starts a third
@@ -229,9 +234,14 @@ def video_suite(seeds, tables, best):
   if best:
     names["best"] = "best MNIST combination: " + " + ".join(best)
     rows.append(("best", overrides))
+  for r, name, o in MNIST_TERMS:
+    if r in _VIDEO_TERMS.value:
+      names[r] = name
+      rows.append((r, o))
   for row_id, o in rows:
+    cache = "best_" + "_".join(best) if row_id == "best" else row_id   # one dir per combination
     for seed in seeds:
-      out = run_one("video", row_id, "configs/video.py", o, seed, _VIDEO_STEPS.value)
+      out = run_one("video", cache, "configs/video.py", o, seed, _VIDEO_STEPS.value)
       if out is not None:
         results.setdefault(row_id, []).append(out)
       tables["video"] = (results, names)
@@ -331,7 +341,7 @@ def main(argv):
   if "mnist" in _SUITES.value:
     best = mnist_suite(seeds, tables)
   if "video" in _SUITES.value:
-    video_suite(seeds, tables, best)
+    video_suite([int(s) for s in _VIDEO_SEEDS.value], tables, best)
 
 
 if __name__ == "__main__":
