@@ -6,7 +6,8 @@ every term whose gain in FD to the teacher is outside seed noise, combined. The 
 8-mode mixture): one-step DMD with and without the anchor, Phased DMD 4-phase with and without
 the element-mean loss scale. Video (moving digits, short budget): baseline vs the best MNIST
 combination, optical flow against the teacher's. Every row's runs are cached in their workdir
-(``--workroot``), so an interrupted sweep resumes; tables are rewritten after every run.
+(``--workroot``), so an interrupted sweep resumes (a run stopped by SIGTERM from its last
+checkpoint); tables are rewritten after every run.
 
   python experiments/recipe_ablation.py --suites=ring,mnist --seeds=0,1,2
   python experiments/recipe_ablation.py --suites=mnist,video --seeds=0,1,2 --video_seeds=0,1 \
@@ -149,13 +150,13 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
     return {**json.load(open(done)), "seed": seed}
   if _CACHED.value:
     return None
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(workdir)
+  os.makedirs(workdir, exist_ok=True)    # an interrupted run resumes from its checkpoint
   shared = os.path.join(_WORK.value, suite, "shared")    # the teacher's reference / MLP fit
   if os.path.isdir(shared):
     for f in os.listdir(shared):
-      src = os.path.join(shared, f)
-      (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(workdir, f))
+      src, dst = os.path.join(shared, f), os.path.join(workdir, f)
+      if not os.path.exists(dst):
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
   if "stopped_at_step" in out:       # preempted (SIGTERM) or stopped early: not a result
