@@ -18,6 +18,7 @@ Writes ``docs/results/recipes.md`` and ``recipes.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -44,6 +45,9 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these row ids.")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_recipes", "Scratch workdirs (the cache).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only (run nothing).")
+_PRIOR = flags.DEFINE_string(
+    "prior", "", "A recipes.json of an earlier sweep: its runs count as cached when suite, row, "
+    "seed, overrides and step count match (rebuilds a table after the scratch cache is gone).")
 _VIDEO_TERMS = flags.DEFINE_list(
     "video_terms", [], "MNIST term ids to run on video, each alone beside the baseline, in "
     "addition to the best combination (e.g. anchor,cfg_norm when no combination is selected).")
@@ -136,6 +140,11 @@ def _set(config, key, value):
   node[leaf] = value
 
 
+@functools.cache
+def _prior_runs():
+  return json.load(open(_PRIOR.value)) if _PRIOR.value else {}
+
+
 def run_one(suite, row_id, spec, overrides, seed, steps=None):
   """One cached run: metrics.json of ``<workroot>/<suite>/<row>_s<seed>``."""
   config = configs.load(f"{spec},seed={seed}" if ":" in spec else f"{spec}:seed={seed}")
@@ -148,6 +157,10 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   done = os.path.join(workdir, "metrics.json")
   if os.path.exists(done):
     return {**json.load(open(done)), "seed": seed}
+  for run in _prior_runs().get(suite, {}).get(row_id, []):
+    if (run["seed"] == seed and run["step"] == config.train.num_steps
+        and run["overrides"] == json.loads(json.dumps(overrides))):
+      return run
   if _CACHED.value:
     return None
   os.makedirs(workdir, exist_ok=True)    # an interrupted run resumes from its checkpoint
