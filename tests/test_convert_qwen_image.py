@@ -55,6 +55,13 @@ def _assert_bits_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
+def _tol(out):
+  """float32 round-off between two implementations: 1e-5 of the output's scale (at least 1e-5).
+  torch's kernels and ours sum in different orders (1.1e-5 on LoRA outputs of ~10 with torch
+  2.13); a wrong mapping or a missed LoRA module moves outputs by the LoRA effect (> 0.1)."""
+  return 1e-5 * max(1.0, float(np.abs(out).max()))
+
+
 def test_sharded_and_single_file_loads(dirs):
   """Root (transformer/ shards + index) == single file == params_from_state_dict, bit for bit;
   scanned loads stack the blocks; outputs equal diffusers'."""
@@ -69,9 +76,10 @@ def test_sharded_and_single_file_loads(dirs):
   assert stacked["transformer_blocks"]["img_mlp"]["fc1"]["kernel"].shape == (2, 32, 128)
   _assert_bits_equal(stacked, _state_dict_params(model, scan_layers=True))
   args = (*_inputs(HW), MASKS)
-  err = np.abs(np.asarray(_apply(cfg)(stacked, *args)) - _torch_out(model, *args)).max()
+  theirs = _torch_out(model, *args)
+  err = np.abs(np.asarray(_apply(cfg)(stacked, *args)) - theirs).max()
   print(f"loaded (scanned) vs diffusers: max-abs {err:.3e}")
-  assert err <= 1e-5
+  assert err <= _tol(theirs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -244,7 +252,7 @@ def test_lora_export_loads_in_diffusers(dirs, lora_case, tmp_path, naming):
   err, effect = np.abs(theirs - ours).max(), np.abs(ours - base).max()
   print(f"LoRA ({naming} naming) in diffusers vs our merged model: max-abs {err:.3e} "
         f"(LoRA effect {effect:.2f})")
-  assert effect > 0.1 and err <= 1e-5
+  assert effect > 0.1 and err <= _tol(ours)
 
 
 def test_merged_lora_export(dirs, lora_case, tmp_path):
@@ -256,6 +264,6 @@ def test_merged_lora_export(dirs, lora_case, tmp_path):
   back = diffusers.QwenImageTransformer2DModel.from_pretrained(tmp_path).eval()
   err = np.abs(_torch_out(back, *args) - ours).max()
   print(f"merged LoRA export in diffusers vs our merged model: max-abs {err:.3e}")
-  assert err <= 1e-5
+  assert err <= _tol(ours)
   with pytest.raises(ValueError, match="not a parameter"):
     cq.merge_lora(params, {"transformer_blocks.attn.to_z.kernel": tree[next(iter(tree))]}, 1.0)
