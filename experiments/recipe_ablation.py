@@ -305,7 +305,7 @@ PAIRED = [("fd_reference", "Δ FD teacher"), ("fd_real", "Δ FD real"),
           ("accuracy", "Δ class acc."), ("pixel_l2", "Δ pixel L2"), ("saturation", "Δ saturation")]
 
 
-def _paired_table(results, names) -> str:
+def _paired_table(results, names, metrics=PAIRED) -> str:
   """Each term minus the baseline, seed by seed: mean ± 95% paired-t half-width (n seeds);
   * marks an interval that excludes 0."""
   base = results.get("baseline")
@@ -314,13 +314,13 @@ def _paired_table(results, names) -> str:
   lines = ["\nPaired differences to the baseline (row - baseline on the same seed; mean ± the "
            "95% paired-t half-width over the seeds both have; * = the interval excludes 0, "
            "i.e. outside seed noise):\n",
-           "| row | seeds | " + " | ".join(label for _, label in PAIRED) + " |",
-           "|" + "---|" * (2 + len(PAIRED))]
+           "| row | seeds | " + " | ".join(label for _, label in metrics) + " |",
+           "|" + "---|" * (2 + len(metrics))]
   for row_id, runs in results.items():
     if row_id == "baseline":
       continue
     cells, n = [], 0
-    for key, _ in PAIRED:
+    for key, _ in metrics:
       m, _, n, half = paired(base, runs, f"student/{key}")
       if np.isnan(half):
         cells.append(f"{m:+.3g}" if n else "")
@@ -359,6 +359,7 @@ def write(tables):
     cols = ["row", "seeds"] + [label for _, label in VIDEO_METRICS]
     parts.append(f"\n## Moving digits, {_VIDEO_STEPS.value} generator updates\n\n")
     parts.append(gmm_metrics.markdown_table(_rows(results, names, VIDEO_METRICS), cols) + "\n")
+    parts.append(_paired_table(results, names, [(k, "Δ " + label) for k, label in VIDEO_METRICS]))
   parts.append(READING)
   with open(os.path.join(_OUT.value, "recipes.md"), "w") as f:
     f.write("".join(parts))
