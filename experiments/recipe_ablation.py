@@ -107,7 +107,7 @@ READING = """
 - **Ring, loss scale**: Phased DMD's std ratio is 0.78 +- 0.03, and 0.80 +- 0.03 with
   element_mean: no change. The ring has no gradient clip, and Adam is invariant to a constant
   gradient scale (up to eps). The ring's std ratio itself is explained in
-  [ring_spread.md](ring_spread.md): a narrow core set by the generator's learning rate, and
+  [mode_spread.md](mode_spread.md): a narrow core set by the generator's learning rate, and
   heavy tails.
 - **Cost** (docs/benchmarks.md, recipe_cost): the GAN step was 2.9x the plain step. XLA:CPU ran
   the head's convolution gradients 20-25x slower inside the TTUR while loop. They are now strided

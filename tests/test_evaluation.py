@@ -94,7 +94,7 @@ def test_narrow_core_with_heavy_tails_against_the_closed_forms():
   about right (rms ratio sqrt(.85 .49 + .15 4) = 1.008) while the core is too narrow (the
   median-based ratio solves .85 F(m / .49) + .15 F(m / 4) = 1/2 with F the chi2_2 CDF) and
   15% x P(chi2_2 > (r / 2 tau)^2) = .15 exp(-r^2 / 8 tau^2) of the samples lie beyond the
-  99.9% radius r. The distilled ring's modes look like this (docs/results/ring_spread.md)."""
+  99.9% radius r. The distilled ring's modes look like this (docs/results/mode_spread.md)."""
   from scipy import optimize  # pylint: disable=import-outside-toplevel
   gmm = GMMS["ring"]
   x, mode = _exact(gmm, 3)
