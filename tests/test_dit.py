@@ -98,9 +98,10 @@ def test_scan_over_layers_equals_the_loop():
   assert jax.tree.structure(sp) == jax.tree.structure(models.build_dit(scfg)[1])
   x = jax.random.normal(jax.random.PRNGKey(1), (2,) + cfg.sample_shape)
   t, y = jnp.array([0.2, 0.9]), jnp.array([3, 10])
-  np.testing.assert_allclose(snet.apply(sp, x, t, y), net.apply(p, x, t, y), atol=1e-5)
-  g1 = jax.grad(lambda q: jnp.sum(snet.apply(q, x, t, y)**2))(sp)
-  g0 = jax.grad(lambda q: jnp.sum(net.apply(q, x, t, y)**2))(p)
+  np.testing.assert_allclose(jax.jit(snet.apply)(sp, x, t, y), jax.jit(net.apply)(p, x, t, y),
+                             atol=1e-5)
+  g1 = jax.jit(jax.grad(lambda q: jnp.sum(snet.apply(q, x, t, y)**2)))(sp)
+  g0 = jax.jit(jax.grad(lambda q: jnp.sum(net.apply(q, x, t, y)**2)))(p)
   np.testing.assert_allclose(g1["blocks"]["qkv"]["kernel"][1], g0["blocks"][1]["qkv"]["kernel"],
                              rtol=1e-4, atol=1e-6)
 
@@ -165,7 +166,7 @@ def test_features_on_the_token_grid_and_the_gan_head(frames):
   moved = np.any(np.abs(np.asarray(f0b - f0)) > 1e-6, axis=-1)            # [B, *grid]
   assert moved[..., 0, 0].all() and moved.sum() == moved[..., 0, 0].sum()  # (every frame's)
   head = gan_head.Head(cfg.grid, cfg.hidden, 32, seed=0)
-  logits = head.apply(head.params, f)
+  logits = jax.jit(head.apply)(head.params, f)
   assert logits.shape == (3,) and np.all(np.isfinite(logits))
   assert np.ptp(np.asarray(logits)) > 1e-4
 
@@ -178,8 +179,16 @@ def test_gan_head_convs_equal_nnx_conv(grid):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   module = gan_head.GanHead(grid, 16, 8, rngs=nnx.Rngs(0))
   h = jax.random.normal(jax.random.PRNGKey(1), (3, *grid, 16))
-  for layer, (strides, padding) in zip(module.convs, module.specs):
-    got = gan_head.conv(h, layer.kernel[...], layer.bias[...], strides, padding)
-    np.testing.assert_allclose(got, layer(h), rtol=1e-5, atol=1e-5)
+
+  @jax.jit
+  def both(h):                      # every layer: (ours, nnx.Conv's) on the same input
+    out = []
+    for layer, (strides, padding) in zip(module.convs, module.specs):
+      got = gan_head.conv(h, layer.kernel[...], layer.bias[...], strides, padding)
+      out.append((got, layer(h)))
+      h = jax.nn.silu(got)
+    return out
+
+  for got, want in both(h):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape[-1] == 8
-    h = jax.nn.silu(got)

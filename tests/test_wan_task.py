@@ -373,17 +373,18 @@ def test_shared_backbone_fakes_are_a_lora_pair_routed_by_t():
   fam = _family(c)
   hi, lo = fam.fake_init
   assert set(hi) == set(lo) and all(k.startswith("blocks.") for k in hi)
-  fake = fam.fake_apply(fam.teacher_params)
+  fake = jax.jit(fam.fake_apply(fam.teacher_params))
   y = fam.sample_cond(jax.random.PRNGKey(0), (2,))
   x = jax.random.normal(jax.random.PRNGKey(1), (2,) + fam.sample_shape)
   t = jnp.array([0.95, 0.5])                       # sample 0 -> high expert, 1 -> low
   np.testing.assert_allclose(fake(fam.fake_init, x, t, y),
-                             fam.apply(fam.teacher_params, x, t, y), rtol=1e-5, atol=1e-5)
+                             jax.jit(fam.apply)(fam.teacher_params, x, t, y), rtol=1e-5,
+                             atol=1e-5)
   bump = jax.tree.map(lambda a: a + 0.1, hi)
   moved = fake((bump, lo), x, t, y) - fake((hi, lo), x, t, y)
   assert float(jnp.abs(moved[0]).max()) > 1e-3 and float(jnp.abs(moved[1]).max()) == 0.0
-  g_hi, g_lo = jax.grad(lambda p: jnp.sum(fake(p, x[1:], t[1:], jax.tree.map(
-      lambda a: a[1:], y)) ** 2))((hi, lo))
+  g_hi, g_lo = jax.jit(jax.grad(lambda p: jnp.sum(fake(p, x[1:], t[1:], jax.tree.map(
+      lambda a: a[1:], y)) ** 2)))((hi, lo))
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_hi)) == 0.0
   assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g_lo)) > 0.0
   c.fake.lora_rank = -1
@@ -420,7 +421,7 @@ def test_frozen_teacher_in_the_compute_dtype():
   rel = float(jnp.sqrt(jnp.mean((v - v_ref) ** 2) / jnp.mean(v_ref ** 2)))
   assert rel < 1e-6, rel
   expert = fam.expert_apply(fam.teacher_params)[1]     # LoRA on the bf16 backbone runs
-  assert bool(jnp.all(jnp.isfinite(expert(fam.expert_init, x, t, y))))
+  assert bool(jnp.all(jnp.isfinite(jax.jit(expert)(fam.expert_init, x, t, y))))
 
 
 @pytest.mark.slow
