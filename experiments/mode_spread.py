@@ -39,7 +39,8 @@ from pdmd_jax.data import gmm as gmm_lib  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics as G  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of every row.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these row ids.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these row ids, in this order (tables keep "
+                          "the ROWS order).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_mode_spread", "Scratch workdirs (the cache).")
 _N = flags.DEFINE_integer("num_samples", 20_000, "Samples per evaluation.")
@@ -248,11 +249,13 @@ READING = """
 def main(argv):
   del argv
   jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla_cache"))
-  results, names = {}, {}
-  for row_id, name, spec, overrides, max_seeds in ROWS:
-    if _ONLY.value and row_id not in _ONLY.value:
-      continue
-    names[row_id] = name
+  results, names = {}, {r[0]: r[1] for r in ROWS}
+  by_id = {r[0]: r for r in ROWS}
+  unknown = [r for r in _ONLY.value if r not in by_id]
+  if unknown:
+    raise app.UsageError(f"--only: unknown rows {unknown}; rows: {list(by_id)}")
+  for row_id in _ONLY.value or list(by_id):       # --only: these rows, in this order
+    _, _, spec, overrides, max_seeds = by_id[row_id]
     for seed in [int(s) for s in _SEEDS.value][:max_seeds]:
       out = run_row(row_id, spec, overrides, seed)
       if out is not None:
