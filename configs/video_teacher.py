@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.model.frames = 8
   c.model.temporal_patch = 2 if a.runlocal else 1   # 8 x 8 x 8 = 512 tokens (see the docstring)
   c.model.num_classes = 10
+  c.model.layout = "joint"               # joint | divided space-time attention (models/dit.py)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4 if a.runlocal else 16

@@ -192,3 +192,31 @@ def test_gan_head_convs_equal_nnx_conv(grid):
   for got, want in both(h):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape[-1] == 8
+
+
+def test_divided_layout_inflates_to_the_image_dit_on_any_clip():
+  """layout="divided": an inflated image DiT is the image DiT frame by frame on moving clips too
+  (attention within a frame; the temporal branch's output projection starts at zero); once the
+  temporal branch is non-zero, frames see each other. "joint" mixes moving frames at init."""
+  icfg = dit.config_for("tiny")
+  inet, ip = models.build_dit(icfg)
+  ip = _perturbed(ip, seed=3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4) + icfg.sample_shape)   # 4 different frames
+  t, y = jnp.array([0.3, 0.8]), jnp.array([2, icfg.num_classes])
+  want = jax.vmap(lambda f: jax.jit(inet.apply)(ip, f, t, y), in_axes=1, out_axes=1)(x)
+  got = {}
+  for layout in ("joint", "divided"):
+    vcfg = dataclasses.replace(icfg, frames=4, layout=layout)
+    vnet, vp = models.build_dit(vcfg, seed=1)
+    vp = dit.inflate(ip, vcfg, vp)
+    got[layout] = jax.jit(vnet.apply)(vp, x, t, y)
+  assert "qkv_t" in vp["blocks"][0] and float(jnp.abs(vp["blocks"][0]["qkv_t"]["kernel"]).max()) > 0
+  np.testing.assert_allclose(got["divided"], want, atol=2e-5)
+  assert float(jnp.abs(got["joint"] - want).max()) > 1e-3
+  # a non-zero temporal branch: frame 0's output depends on frame 3's input (and at init not)
+  dep = lambda p: jax.jit(jax.grad(lambda x3: jnp.sum(vnet.apply(
+      p, x.at[:, 3].set(x3), t, y)[:, 0] ** 2)))(x[:, 3])
+  assert float(jnp.abs(dep(vp)).max()) == 0.0
+  assert float(jnp.abs(dep(_perturbed(vp, seed=4))).max()) > 1e-4
+  with pytest.raises(ValueError, match="model.layout='spatial' is unknown"):
+    models.build_dit(dataclasses.replace(icfg, frames=4, layout="spatial"))

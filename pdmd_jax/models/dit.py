@@ -43,6 +43,11 @@ class DiTConfig:
   remat: bool = False
   dtype: str = "float32"         # compute dtype; parameters stay float32
   attention: str = "dense"       # models/attention.py: dense | blockwise (no [L, L] logits)
+  # Video token mixing: "joint" (one attention over all frames' tokens) or "divided" (attention
+  # within each frame, then a temporal attention across frames at each position; the temporal
+  # branch's output projection starts at zero, so an inflated image DiT is exactly the image
+  # model frame by frame on any clip).
+  layout: str = "joint"
 
   @property
   def video(self) -> bool:
@@ -58,6 +63,8 @@ class DiTConfig:
     s = (self.image_size, self.image_size, self.channels)
     return ((self.frames,) + s) if self.video else s
 
+
+LAYOUTS = ("joint", "divided")
 
 VARIANTS = {
     # name: (hidden, depth, heads)
@@ -124,14 +131,35 @@ class Block(nnx.Module):
     self.fc1 = _dense(d, cfg.mlp_ratio * d, ("embed", "mlp"), rngs)
     self.fc2 = _dense(cfg.mlp_ratio * d, d, ("mlp", "embed"), rngs)
     self.ada = _dense(d, 6 * d, ("embed", "mlp"), rngs, zero=True)   # adaLN-Zero: gates start at 0
+    # divided layout: frames in the token axis, and the temporal branch (zero output at init)
+    self.frames = cfg.grid[0] if cfg.video and cfg.layout == "divided" else 0
+    if self.frames:
+      self.norm_t = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
+      self.qkv_t = _dense(d, 3 * d, ("embed", "heads"), rngs)
+      self.proj_t = _dense(d, d, ("heads", "embed"), rngs, zero=True)
+
+  def _attend(self, qkv, group):
+    """Multi-head attention of [B, N, 3 D] projections within ``group`` (einops pattern of the
+    token axis: "(f n)" for a frame's tokens, "(n f)"-style for a position's frames)."""
+    pattern, axes = group
+    f = {"f": self.frames} if "f" in pattern else {}
+    q, k, v = einops.rearrange(qkv, f"b {pattern} (three h d) -> three {axes} h d", three=3,
+                               h=self.heads, **f)
+    a = attention.attention(q, k, v, impl=self.impl)
+    return einops.rearrange(a, f"{axes} h d -> b {pattern} (h d)", b=qkv.shape[0], **f)
 
   def __call__(self, h, c):
     h = sharding.shard_tokens(h)   # batch over (data, fsdp), tokens over context; see sharding.py
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, -1)
     x = modulate(self.norm1(h), shift1, scale1).astype(self.dtype)
-    q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
-    a = attention.attention(q, k, v, impl=self.impl)
-    h = h + gate1[:, None] * self.proj(einops.rearrange(a, "b n h d -> b n (h d)")).astype(h.dtype)
+    if self.frames:     # divided: attention within each frame, then across frames per position
+      a = self._attend(self.qkv(x), ("(f n)", "(b f) n"))
+      h = h + gate1[:, None] * self.proj(a).astype(h.dtype)
+      a = self._attend(self.qkv_t(self.norm_t(h).astype(self.dtype)), ("(f n)", "(b n) f"))
+      h = h + self.proj_t(a).astype(h.dtype)
+    else:
+      a = self._attend(self.qkv(x), ("n", "b n"))
+      h = h + gate1[:, None] * self.proj(a).astype(h.dtype)
     x = modulate(self.norm2(h), shift2, scale2).astype(self.dtype)
     x = self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
     return sharding.shard_tokens(h + gate2[:, None] * x.astype(h.dtype))
@@ -146,6 +174,8 @@ class DiT(nnx.Module):
                        f"temporal_patch={cfg.temporal_patch} must divide frames={cfg.frames}")
     if cfg.hidden % cfg.heads:
       raise ValueError(f"model.heads={cfg.heads} must divide model.hidden={cfg.hidden}")
+    if cfg.layout not in LAYOUTS:
+      raise ValueError(f"model.layout={cfg.layout!r} is unknown; allowed: {list(LAYOUTS)}")
     self.cfg = cfg
     d = cfg.hidden
     self.patch_dim = cfg.patch**2 * cfg.channels * (cfg.temporal_patch if cfg.video else 1)
@@ -235,7 +265,9 @@ def inflate(image_params, cfg: DiTConfig, video_params):
   and the output head repeats the image prediction on each of the q frames; the per-frame
   position term stays zero. On a static clip (the same noisy frame repeated) the inflated
   model equals the image model frame by frame: attention over repeated keys is unchanged by the
-  repetition. ``video_params`` supplies the tree (e.g. a fresh ``build_dit(cfg)``).
+  repetition. With ``layout="divided"`` it does on any clip: the spatial attention sees one
+  frame and the temporal branch's output projection is zero. ``video_params`` supplies the tree
+  (e.g. a fresh ``build_dit(cfg)``).
   """
   q = cfg.temporal_patch
   flat_img = dict(jax.tree_util.tree_flatten_with_path(image_params)[0])
@@ -243,8 +275,11 @@ def inflate(image_params, cfg: DiTConfig, video_params):
   out = []
   for path, v in leaves:
     name = jax.tree_util.keystr(path)
-    if "frame_pos" in name:
+    if "frame_pos" in name or "['proj_t']" in name:
       out.append(jnp.zeros_like(v))
+      continue
+    if "['qkv_t']" in name:      # the temporal branch is new: its own init (its output is zero)
+      out.append(v)
       continue
     if path not in flat_img:
       raise ValueError(f"inflate: the image DiT has no parameter {name}")
