@@ -64,6 +64,9 @@ MNIST_TERMS = [
     ("ema", "+ EMA (0.95 from update 50)", {"generator.ema_decay": 0.95,
                                             "generator.ema_start": 50}),
     ("cfg_norm", "+ CFG norm rescale", {"teacher.cfg_norm": "sample"}),
+    # not a loss term: the released trainer's phase order (the paper trains phases in turn)
+    ("interleaved", "phase order interleaved (the released trainer's)",
+     {"phase_order": "interleaved"}),
 ]
 # What the tables say so far (rewritten with the tables; keep it true to them).
 READING = """
