@@ -25,6 +25,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -33,7 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pdmd_jax import configs  # noqa: E402
+from pdmd_jax import rollout  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
+from pdmd_jax import schedule as S  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.data import gmm as gmm_lib  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics as G  # noqa: E402
@@ -61,6 +64,9 @@ ROWS = [
      {"phase_order": "interleaved"}, 3),
     ("phased_sgts", "Phased DMD 4-step 2-phase, SGTS in phases", f"{RING}:{SGTS}", {}, 3),
     ("phased_sgts_wide", "  + width 256", f"{RING}:{SGTS}", {"model.width": 256}, 1),
+    ("phased_sgts_ttur10", "  + TTUR 10", f"{RING}:{SGTS}", {"fake.ttur": 10}, 1),
+    ("phased_sgts_tmin0", "  + t_min = 0 (no margin)", f"{RING}:{SGTS}",
+     {"t_sampler.t_min": 0.0}, 1),
     ("phased_sgts_gen_lr", "  + generator lr 3.3e-5", f"{RING}:{SGTS}", {"generator.lr": 3.3e-5},
      3),
     ("d16_phased", "Phased DMD 4-step 4-phase (default)", D16, {}, 3),
@@ -94,6 +100,42 @@ def radial_quantiles(x, gmm) -> np.ndarray:
   means, stds = np.asarray(gmm.means, np.float64), np.asarray(gmm.stds, np.float64)
   idx, dist = G.assign_modes(x, gmm)
   return np.quantile(dist / stds[idx], QUANTILES)
+
+
+def _spread(s, gmm):
+  return {"std_ratio": G.intra_mode_std_ratio(s, gmm), "rms_std_ratio": G.intra_mode_rms_ratio(s, gmm),
+          "outlier_fraction": G.outlier_fraction(s, gmm)}
+
+
+def sample_with_jumps(plan, apply, experts, z, y, jump=()):
+  """Few-step samples where each phase in ``jump`` Euler-jumps from its first time straight to
+  its boundary (what SGTS's stop step j = 0 trains) instead of stepping through its times."""
+  x = z
+  for ph in plan.phases:
+    ts = ph.times[:1] if ph.index in jump else ph.times
+    for t, t_next in zip(ts, ts[1:] + (ph.boundary,)):
+      v = rollout.apply_of(apply, ph.index)(experts[ph.index], x,
+                                            jnp.full((x.shape[0],), t, jnp.float32), y)
+      x = S.euler_step(x, t, t_next, v)
+  return x
+
+
+def jumps(run, state, seed):
+  """Spread of the samples with phase 1, phase 2 or both jumping from their first step, for
+  plans with several steps per phase (SGTS trains every stop step j to reach the boundary)."""
+  plan, gmm, c = run.plan, run.family.extras["gmm"], run.config
+  if all(len(ph.times) == 1 for ph in plan.phases):
+    return None
+  k_y, k_z = jax.random.split(jax.random.PRNGKey(1000 + seed), 2)
+  y = gmm_lib.sample_labels(k_y, gmm, c.teacher.num_classes, (_N.value,))
+  z = jax.random.normal(k_z, (_N.value, c.teacher.dim))
+  out = {}
+  for name, jump in (("chain", ()), ("jump_p1", (0,)), ("jump_last", (plan.num_phases - 1,)),
+                     ("jump_all", tuple(range(plan.num_phases)))):
+    x = jax.jit(lambda e, z, y, jump=jump: sample_with_jumps(
+        plan, run.experts_apply(), e, z, y, jump))(run.experts(state), z, y)
+    out[name] = _spread(np.asarray(x, np.float64), gmm)
+  return out
 
 
 def shape(run, state, seed):
@@ -161,6 +203,7 @@ def run_row(row_id, spec, overrides, seed):
   run, state = trainer.restore_latest(config, workdir)
   out = shape(run, state, seed)
   out["student"].update({k: metrics[f"student/{k}"] for k in EVAL})
+  out["jumps"] = jumps(run, state, seed)
   out.update(seed=seed, overrides=overrides, wall_s=time.time() - t0)
   json.dump(out, open(done, "w"), indent=1, default=float)
   print(f"{row_id} seed {seed}: {out['wall_s']:.0f} s", flush=True)
@@ -201,6 +244,29 @@ def _section(title, spec, results, names):
   return lines
 
 
+def _jumps_section(results, names):
+  """SGTS rows: the same runs sampled with phases jumping from their first step."""
+  rows = [(r, d) for r, _, sp, _, _ in ROWS for d in ("dim=16" in sp,)
+          if r in results and all(run.get("jumps") for run in results[r])]
+  if not rows:
+    return []
+  cols = (("chain", "stepwise (as trained and sampled)"), ("jump_p1", "phase 1 jumps"),
+          ("jump_last", "last phase jumps"), ("jump_all", "every phase jumps"))
+  lines = ["\n## Plans with several steps per phase: stepwise vs jumping from the first step\n",
+           "The same trained experts, sampled with a phase's first step Euler-jumping straight "
+           "to the phase boundary (the map SGTS trains at stop step j = 0) instead of stepping "
+           "through the phase's times. Cells: median-based std ratio / rms ratio.\n",
+           "| teacher | row | seeds | " + " | ".join(label for _, label in cols) + " |",
+           "|" + "---|" * (3 + len(cols))]
+  for row_id, d16 in rows:
+    runs = results[row_id]
+    cells = [_cell([r["jumps"][k]["std_ratio"] for r in runs]) + " / " +
+             _cell([r["jumps"][k]["rms_std_ratio"] for r in runs]) for k, _ in cols]
+    lines.append(f"| {'16-D' if d16 else 'ring'} | {names[row_id].strip()} | {len(runs)} | "
+                 + " | ".join(cells) + " |")
+  return lines
+
+
 def write(results, names):
   lines = ["# The shape of the distilled modes on the exact mixtures (`experiments/mode_spread.py`)\n",
            f"{_N.value} few-step samples per run at the default budget (2,000 generator updates); "
@@ -213,6 +279,7 @@ def write(results, names):
            "blank for runs made before it was recorded)."]
   lines += _section("The 8-mode ring (2-D)", RING, results, names)
   lines += _section("The 12-mode random mixture in 16-D", D16, results, names)
+  lines += _jumps_section(results, names)
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "mode_spread.md"), "w") as f:
     f.write("\n".join(lines) + "\n" + READING)
