@@ -70,7 +70,7 @@ MNIST_TERMS = [
 ]
 # What the tables say so far (rewritten with the tables; keep it true to them).
 READING = """
-## Reading (2026-12-02; MNIST: 3 seeds of every row; video rows not yet run)
+## Reading (2026-12-02; MNIST: 3 seeds of every term; video: 2 seeds)
 
 - **Outside seed noise** is judged on paired differences: each term's run minus the baseline's
   on the same seed (same initialisation, data order and evaluation noise), with a 95% paired-t
@@ -112,11 +112,19 @@ READING = """
   gradient scale (up to eps). The ring's std ratio itself is explained in
   [mode_spread.md](mode_spread.md): a narrow core set by the generator's learning rate, and
   heavy tails.
-- **Cost** (docs/benchmarks.md, recipe_cost): the GAN step was 2.9x the plain step. XLA:CPU ran
-  the head's convolution gradients 20-25x slower inside the TTUR while loop. They are now strided
-  slices and one matmul, and the step costs about 1.3x. The anchor costs 1.7-1.9x (16 guided
-  teacher steps per generator update). The GAN rows' seeds 0-1 ran with the old convolutions
-  (the same arithmetic up to float rounding), seed 2 with the new ones.
+- **Cost** (docs/benchmarks.md, `python benchmarks/recipe_cost.py --reps=5`): the GAN step was
+  2.95x the plain step. XLA:CPU ran the head's convolution gradients 20-25x slower inside the
+  TTUR while loop. They are now strided slices and one matmul, and the step costs 1.49x (head on
+  the fake) / 1.25x (on the teacher). The anchor costs 1.68x (16 guided teacher steps per
+  generator update), IDA 1.05x, the others 1.00x. The GAN rows' MNIST seeds 0-1 ran with the old
+  convolutions (the same arithmetic up to float rounding), seed 2 with the new ones.
+- **Video** (moving digits, 100 updates, seeds 0 and 1): there is no best MNIST combination, so
+  the video row is the one term that uses real data, the GAN head on real clips. It changes
+  nothing beyond the noise: flow / teacher's 0.858 vs 0.855 (+0.003, seeds +0.004 and +0.001),
+  FD to the teacher -0.1, dynamic degree equal (saturated at 0.997 for both, as for every row
+  with the v1 teacher: issue 17). The CFG norm rescale's video rows were not run.
+- **Phase order on digits** (the released trainer's interleaved order, 1 seed so far): FD to the
+  teacher 8.0 vs 7.1 for the progressive default on seed 0; seeds 1-2 pending.
 """
 MNIST_METRICS = [("accuracy", "class acc."), ("fd_real", "FD real"),
                  ("fd_reference", "FD teacher"), ("feature_cosine", "feat. cosine"),
