@@ -288,7 +288,7 @@ def write(results, names):
 
 
 READING = """
-## Reading (2026-12-02)
+## Reading (2026-12-02; rows without evaluation columns ran before it was recorded)
 
 - **Phased DMD's "std ratio 0.79" is two defects of different origin, not one.** Its modes have
   a core too narrow (median-based ratio 0.78 +- 0.03; the 10-50% radial quantiles at 0.78-0.80
@@ -310,6 +310,12 @@ READING = """
   seed 0). SGTS trains the phase's two steps through one random stop step per update. That
   under-disperses, which is the paper's diversity claim about SGTS appearing on an exact
   teacher.
+- **The lower generator lr is better on every evaluation metric but the tails** (ring, 3 seeds,
+  rerun with the evaluation recorded): sliced Wasserstein 0.076 +- 0.006 vs 0.110 +- 0.017,
+  worst weight error 0.013 vs 0.020, core 1.03 vs 0.77; rms 1.28 vs 1.12 (more outliers).
+- **16-D** (1 seed so far): the default's core is exact (1.00) and its rms 1.10, with 6.6% of
+  samples beyond the exact 99.9% radius: the same heavy tails, without the ring's narrow core.
+  The other 16-D rows, the phase-order rows and the SGTS jump analysis are not run yet.
 """
 
 
