@@ -97,7 +97,7 @@ def _config(spec, overrides, seed):
 
 def radial_quantiles(x, gmm) -> np.ndarray:
   """Quantiles of |x - mu_i| / tau_i over all samples (nearest-mode assignment)."""
-  means, stds = np.asarray(gmm.means, np.float64), np.asarray(gmm.stds, np.float64)
+  stds = np.asarray(gmm.stds, np.float64)
   idx, dist = G.assign_modes(x, gmm)
   return np.quantile(dist / stds[idx], QUANTILES)
 
@@ -150,10 +150,7 @@ def shape(run, state, seed):
   out = {}
   for who, s in (("student", x), ("exact", exact)):
     s = np.asarray(s, np.float64)
-    out[who] = {"std_ratio": G.intra_mode_std_ratio(s, gmm),
-                "rms_std_ratio": G.intra_mode_rms_ratio(s, gmm),
-                "outlier_fraction": G.outlier_fraction(s, gmm),
-                "quantiles": radial_quantiles(s, gmm).tolist()}
+    out[who] = {**_spread(s, gmm), "quantiles": radial_quantiles(s, gmm).tolist()}
   return out
 
 
@@ -173,8 +170,7 @@ def teacher_shape(spec):
   x = np.asarray(jax.jit(lambda p, z, y: sampling.teacher_sample(
       run.teacher, p, run.plan, z, y, substeps=c.eval.teacher_substeps, shift_value=c.shift))(
           gmm, z, y)[-1], np.float64)
-  out = {"std_ratio": G.intra_mode_std_ratio(x, gmm), "rms_std_ratio": G.intra_mode_rms_ratio(x, gmm),
-         "outlier_fraction": G.outlier_fraction(x, gmm), "quantiles": radial_quantiles(x, gmm).tolist(),
+  out = {**_spread(x, gmm), "quantiles": radial_quantiles(x, gmm).tolist(),
          "steps": int(run.plan.num_steps * c.eval.teacher_substeps)}
   os.makedirs(_WORK.value, exist_ok=True)
   json.dump(out, open(done, "w"), indent=1)
