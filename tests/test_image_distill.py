@@ -260,3 +260,28 @@ def test_resume_with_every_recipe_term_on_is_bit_identical(tiny_teacher, tmp_pat
   assert not np.array_equal(sa.fakes[1]["head"]["out"]["kernel"],
                             init.fakes[1]["head"]["out"]["kernel"])      # the head trained
   assert int(sa.fake_opt[1][-1][0].count) == 2 * c.fake.ttur    # its AdamW moments, restored
+
+
+def test_cached_teacher_reference_is_keyed_by_the_teacher(tiny_teacher, tmp_path):
+  """The evaluation's teacher samples are cached in the workdir; retraining the teacher in place
+  (same teacher.path, new weights and card) must not reuse the old teacher's reference."""
+  from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "teacher")
+  cfg = dit.config_for("tiny")
+  z = jax.random.normal(jax.random.PRNGKey(0), (4,) + cfg.sample_shape)
+  labels = np.arange(4) % cfg.num_classes
+  got = []
+  for seed in (3, 4, 4):
+    _, params = models.build_dit(cfg, seed=seed)
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.sin(p.size + jnp.arange(p.size).reshape(
+        p.shape) * seed), params)
+    assets.save(path, jax.device_get(params), {"model": dataclasses.asdict(cfg),
+                                               "metrics": {"seed": seed}})
+    c = _mnist_config()
+    c.teacher.path = path
+    run = trainer.build(c, devices=jax.devices()[:1])
+    got.append(image_eval.teacher_samples(run, z, labels, str(tmp_path)))
+  cached = [f for f in os.listdir(tmp_path) if f.startswith("teacher_samples_n")]
+  assert len(cached) == 2                              # one reference per teacher
+  assert np.abs(got[0] - got[1]).max() > 1e-3          # not the first teacher's reference
+  np.testing.assert_array_equal(got[1], got[2])        # the same teacher reuses its reference

@@ -13,6 +13,8 @@ Writes ``samples_<tag>.png`` (rows = classes, columns = seeds; videos also ``.gi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import jax
@@ -59,11 +61,21 @@ def student_samples(run, experts, z, labels, batch: int = 250):
   return _batches(lambda z, y: fn(experts, run.teacher_params, z, y), z, labels, batch)
 
 
+def teacher_fingerprint(run) -> str:
+  """8 hex digits naming the teacher: its config section and, for a trained teacher, its card
+  (which records the weights' training run and metrics), so a cached reference is never reused
+  for another teacher put at the same path."""
+  card = run.family.extras.get("card")
+  blob = json.dumps([run.config.teacher.to_dict(), card], sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
 def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
   """The teacher's many-step Euler samples (final x), cached in ``workdir``."""
   c = run.config
   key = (f"teacher_samples_n{z.shape[0]}_seed{c.eval.seed}_sub{c.eval.teacher_substeps}_"
-         f"cfg{c.teacher.guidance_scale:g}_grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}.npy")
+         f"cfg{c.teacher.guidance_scale:g}_grid{'-'.join(f'{t:.4f}' for t in run.plan.grid)}_"
+         f"t{teacher_fingerprint(run)}.npy")
   path = os.path.join(workdir, key) if workdir else None
   if path and paths.exists(path):
     return paths.load_npy(path)
