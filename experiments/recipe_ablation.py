@@ -33,6 +33,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import assets  # noqa: E402
 from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
@@ -156,6 +157,19 @@ def _prior_runs():
   return json.load(open(_PRIOR.value)) if _PRIOR.value else {}
 
 
+TEACHERS = {"mnist": "mnist_teacher", "video": "video_teacher"}   # ring: the exact mixture
+
+
+def _teacher(suite):
+  """The card fingerprint of the suite's shipped teacher ('' for the exact mixture)."""
+  return assets.fingerprint(assets.path(TEACHERS[suite])) if suite in TEACHERS else ""
+
+
+def _suite_dir(suite):
+  """Scratch directory of a suite's runs, one per teacher (a retrained teacher starts afresh)."""
+  return os.path.join(_WORK.value, f"{suite}_{_teacher(suite)}" if _teacher(suite) else suite)
+
+
 def run_one(suite, row_id, spec, overrides, seed, steps=None):
   """One cached run: metrics.json of ``<workroot>/<suite>/<row>_s<seed>``."""
   config = configs.load(f"{spec},seed={seed}" if ":" in spec else f"{spec}:seed={seed}")
@@ -164,18 +178,19 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   config.train.ckpt_every = config.train.num_steps
   for k, v in overrides.items():
     _set(config, k, v)
-  workdir = os.path.join(_WORK.value, suite, f"{row_id}_s{seed}")
+  workdir = os.path.join(_suite_dir(suite), f"{row_id}_s{seed}")
   done = os.path.join(workdir, "metrics.json")
   if os.path.exists(done):
-    return {**json.load(open(done)), "seed": seed}
+    return {**json.load(open(done)), "seed": seed, "teacher": _teacher(suite)}
   for run in _prior_runs().get(suite, {}).get(row_id, []):
     if (run["seed"] == seed and run["step"] == config.train.num_steps
-        and run["overrides"] == json.loads(json.dumps(overrides))):
+        and run["overrides"] == json.loads(json.dumps(overrides))
+        and run.get("teacher", "") == _teacher(suite)):
       return run
   if _CACHED.value:
     return None
   os.makedirs(workdir, exist_ok=True)    # an interrupted run resumes from its checkpoint
-  shared = os.path.join(_WORK.value, suite, "shared")    # the teacher's reference / MLP fit
+  shared = os.path.join(_suite_dir(suite), "shared")    # the teacher's reference / MLP fit
   if os.path.isdir(shared):
     for f in os.listdir(shared):
       src, dst = os.path.join(shared, f), os.path.join(workdir, f)
@@ -189,6 +204,7 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   out["wall_s"] = time.time() - t0
   out["overrides"] = overrides
   out["seed"] = seed
+  out["teacher"] = _teacher(suite)
   os.makedirs(shared, exist_ok=True)
   for f in os.listdir(workdir):
     if f.startswith("teacher_samples") and not os.path.exists(os.path.join(shared, f)):

@@ -31,6 +31,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pdmd_jax import assets  # noqa: E402
 from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
@@ -68,6 +69,15 @@ def _load_config(variant):
   return configs.load(f"configs/video.py:{variant}{teacher}")
 
 
+def _teacher_dir():
+  return _TEACHER.value or assets.path("video_teacher")
+
+
+def _root():
+  """The scratch directory of this teacher's runs: a teacher retrained in place gets a new one."""
+  return os.path.join(_WORK.value, f"teacher_{assets.fingerprint(_teacher_dir())}")
+
+
 def _run_config(row_id, variant, steps, seed):
   """(config, workdir) of one run of the sweep."""
   config = _load_config(f"{variant},seed={seed}")
@@ -76,7 +86,7 @@ def _run_config(row_id, variant, steps, seed):
   config.train.batch_size = _BATCH.value
   config.eval.num_samples = _EVAL.value
   config.health.seeds = 2          # in-loop monitoring only (not in the table): 20 clips per check
-  return config, os.path.join(_WORK.value, f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
+  return config, os.path.join(_root(), f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
 
 
 def run_one(row_id, variant, steps, seed):
@@ -87,7 +97,7 @@ def run_one(row_id, variant, steps, seed):
     return None, workdir
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
-  ref = os.path.join(_WORK.value, "teacher_reference")   # the teacher's clips, shared
+  ref = os.path.join(_root(), "teacher_reference")   # the teacher's clips, shared
   if os.path.isdir(ref):
     for f in os.listdir(ref):
       shutil.copy(os.path.join(ref, f), workdir)
@@ -225,7 +235,9 @@ def write_table(results, extra=""):
             "of clip features (classifier features averaged over frames) to the teacher's clips / "
             f"to {_EVAL.value} real held-out clips; feat. cosine: same-class pairwise cosine of clip features "
             "(higher = less diverse); pixel L2: same-class pairwise clip distance; ms / step: "
-            "median phase step (TTUR fake updates + generator update), 2 CPU cores.\n\n")
+            "median phase step (TTUR fake updates + generator update), 2 CPU cores. Teacher: "
+            f"{_teacher_dir().replace(ROOT + os.sep, '')} (card fingerprint "
+            f"{assets.fingerprint(_teacher_dir())}).\n\n")
   path = os.path.join(_OUT.value, "video.md")
   old = open(path).read() if os.path.exists(path) else ""
   reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""

@@ -7,6 +7,7 @@ are written to a temporary name and renamed, so an asset is never left half-writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -42,6 +43,13 @@ def save(directory: str, params, card: dict) -> None:
 def load_card(directory: str) -> dict:
   with open(os.path.join(directory, "card.json")) as f:
     return json.load(f)
+
+
+def fingerprint(directory: str) -> str:
+  """8 hex digits naming an asset by its card (architecture, training run, metrics): experiment
+  caches key on it, so results of a teacher retrained in place are never mixed with the old."""
+  blob = json.dumps(load_card(directory), sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
 def load(directory: str, abstract):

@@ -44,3 +44,14 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path):
   assets.save(str(tmp_path), bad, card)
   with pytest.raises(ValueError, match="missing embed.kernel"):
     teacher_training.load_teacher(str(tmp_path))
+
+
+def test_fingerprint_names_the_card(tmp_path):
+  """Experiment caches key on the card's fingerprint: equal cards agree, any change differs."""
+  params = {"w": jax.numpy.ones((2,))}
+  for name, card in (("a", {"metrics": {"fd": 1.0}, "steps": 5}),
+                     ("b", {"steps": 5, "metrics": {"fd": 1.0}}),
+                     ("c", {"metrics": {"fd": 1.5}, "steps": 5})):
+    assets.save(str(tmp_path / name), params, card)
+  fp = {n: assets.fingerprint(str(tmp_path / n)) for n in "abc"}
+  assert fp["a"] == fp["b"] != fp["c"] and len(fp["a"]) == 8
