@@ -8,17 +8,32 @@ samples from the same noise (computed once):
 - saturation: fraction of values beyond [-1.1, 1.1] (image/video data);
 - motion (videos): mean optical-flow magnitude as a fraction of the teacher's.
 With ``health.min_fraction`` > 0 the run stops early (after a checkpoint) once diversity or
-motion falls below that fraction of the teacher's.
+motion falls below that fraction of the teacher's. Every report is also kept, with its update
+and phase, in ``<workdir>/health.json`` (the curves of diversity and motion over training; a
+resumed run keeps the entries up to its checkpoint).
 """
 
 from __future__ import annotations
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
+
+HISTORY = "health.json"
+
+
+def load_history(workdir: str | None, step: int) -> list[dict]:
+  """The run's earlier health reports up to update ``step`` (where a resumed run restarts)."""
+  if not workdir or not paths.exists(paths.join(workdir, HISTORY)):
+    return []
+  return [r for r in json.loads(paths.read_bytes(paths.join(workdir, HISTORY)))
+          if r["step"] <= step]
 
 
 class HealthMonitor:

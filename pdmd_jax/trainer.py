@@ -153,6 +153,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   if h and h.get("every", 0):
     from pdmd_jax import health  # pylint: disable=import-outside-toplevel
     monitor = health.HealthMonitor(run, seeds=h.seeds, min_fraction=h.min_fraction)
+    history = health.load_history(workdir, step)   # a resumed run keeps its curve up to step
   stopped_early = ""
   stop_signal = _StopSignals()
   hosted = run.asm.host_batches(step)   # host-read data of updates step, step + 1, ...
@@ -194,6 +195,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
         for name, value in report.items():
           if name != "collapsed":
             writer.add_scalar(f"health/{name}", value, step)
+        history.append({"step": step, "phase": k, **report})
+        if jax.process_index() == 0:
+          paths.write_json(paths.join(workdir, health.HISTORY), history)
         bar.set_postfix(diversity=f"{report['diversity_vs_teacher']:.2f}")
         if report["collapsed"]:
           if not saved:

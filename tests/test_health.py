@@ -1,5 +1,6 @@
 """In-loop health: diversity against the teacher's, and the collapse early stop."""
 
+import json
 import os
 import types
 
@@ -76,3 +77,9 @@ def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path
   assert calls == list(range(2, collapse_at + 1, 2))
   saved = sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
   assert saved[-1] == collapse_at  # the stop is saved; nothing after it
+  history = json.load(open(os.path.join(w, health.HISTORY)))   # the curve, one entry per check
+  assert [r["step"] for r in history] == calls
+  assert [r["phase"] for r in history] == [(s - 1) // 4 for s in calls]
+  assert [bool(r["collapsed"]) for r in history] == [s >= collapse_at for s in calls]
+  # a run resumed from update 2 keeps the reports up to it and drops the later ones
+  assert [r["step"] for r in health.load_history(w, 2)] == [2]
