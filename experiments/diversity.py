@@ -1,0 +1,199 @@
+"""The paper's diversity claim (its Table 3) on MNIST: does SGTS lose diversity where Phased DMD
+keeps it, and does the gap open with training?
+
+Each row distils the shipped MNIST teacher at an equal budget and records, every ``--every``
+generator updates, the in-loop health report (``pdmd_jax/health.py``): the same-class pairwise
+pixel distance between ``--health_seeds`` noises per class, as a fraction of the teacher's from
+the same noise (``diversity_vs_teacher``; 1 = the teacher's spread, lower = collapsing). The run
+keeps these in ``<workdir>/health.json``; the final evaluation (500 samples) adds feature cosine
+(higher = less diverse), pixel L2, FD to the teacher and class accuracy. Rows: DMD2/SGTS, Phased
+DMD 4-step 2-phase with SGTS in phases (the Wan recipe) and 4-step 4-phase, and the issue's
+candidate settings where the mechanism might show: full-copy experts instead of LoRA and a
+higher teacher CFG. Phased rows train their phases in turn, so during phase 1 the sampler's
+later steps still use the untrained expert (the teacher's one-step jump): compare curves
+within the last phase and at the end.
+
+Writes ``docs/results/diversity.md`` (table + reading), ``diversity.png`` (curves, mean and
+range over seeds) and ``diversity.json`` (every run's curve and final metrics). Runs are cached
+in ``--workroot`` per teacher (card fingerprint); ``--cached_only`` tabulates what finished.
+
+  python experiments/diversity.py --seeds=0,1 --steps=600 --only=sgts,phased_sgts,phased
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pdmd_jax import assets  # noqa: E402
+from pdmd_jax import configs  # noqa: E402
+from pdmd_jax import health  # noqa: E402
+from pdmd_jax import trainer  # noqa: E402
+from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
+
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every row.")
+_STEPS = flags.DEFINE_integer("steps", 600, "Generator updates per run (all rows).")
+_EVERY = flags.DEFINE_integer("every", 25, "Updates between health checks (the curve's points).")
+_HSEEDS = flags.DEFINE_integer("health_seeds", 8, "Noises per class in each health check.")
+_ONLY = flags.DEFINE_list("only", [], "Run only these row ids, in this order.")
+_VARIANT = flags.DEFINE_string("variant", "", "Extra config variant for every run (runlocal: "
+                               "a seconds-long smoke run on the tiny test teacher).")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
+_WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_diversity", "Scratch workdirs (the cache).")
+_CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only (run nothing).")
+
+SGTS, PHASED_SGTS, PHASED = ("method=dmd2_sgts,steps=4", "method=phased_dmd_sgts,steps=4,phases=2",
+                             "method=phased_dmd,steps=4")
+# (row id, row name, config variant, leaf overrides)
+ROWS = [
+    ("sgts", "DMD2 / SGTS (4 steps)", SGTS, {}),
+    ("phased_sgts", "Phased DMD 4-step 2-phase, SGTS in phases", PHASED_SGTS, {}),
+    ("phased", "Phased DMD 4-step 4-phase", PHASED, {}),
+    ("sgts_full", "DMD2 / SGTS, full-copy generator", SGTS, {"generator.lora_rank": 0}),
+    ("phased_sgts_full", "Phased DMD 2-phase, full-copy experts", PHASED_SGTS,
+     {"generator.lora_rank": 0}),
+    ("sgts_cfg6", "DMD2 / SGTS, teacher CFG 6", SGTS, {"teacher.guidance_scale": 6.0}),
+    ("phased_sgts_cfg6", "Phased DMD 2-phase, teacher CFG 6", PHASED_SGTS,
+     {"teacher.guidance_scale": 6.0}),
+]
+FINAL = [("feature_cosine", "feat. cosine"), ("pixel_l2", "pixel L2"),
+         ("fd_reference", "FD teacher"), ("accuracy", "class acc.")]
+# What the tables say (rewritten with the tables; keep it true to them).
+READING = ""
+
+
+def _set(config, key, value):
+  node = config
+  *path, leaf = key.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+
+
+def _root():
+  return os.path.join(_WORK.value, f"teacher_{assets.fingerprint(assets.path('mnist_teacher'))}"
+                      + (f"_{_VARIANT.value}" if _VARIANT.value else ""))
+
+
+def run_one(row_id, variant, overrides, seed):
+  """One cached run: its final metrics and its health curve."""
+  workdir = os.path.join(_root(), f"{row_id}_x{_STEPS.value}_e{_EVERY.value}_s{seed}")
+  done = os.path.join(workdir, "result.json")
+  if os.path.exists(done):
+    return json.load(open(done))
+  if _CACHED.value:
+    return None
+  extra = f",{_VARIANT.value}" if _VARIANT.value else ""
+  config = configs.load(f"configs/mnist.py:{variant},seed={seed}{extra}")
+  config.train.num_steps = _STEPS.value
+  config.train.ckpt_every = _STEPS.value
+  config.health.every = _EVERY.value
+  config.health.seeds = _HSEEDS.value
+  for k, v in overrides.items():
+    _set(config, k, v)
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir)
+  t0 = time.time()
+  out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  result = {"seed": seed, "overrides": overrides, "wall_s": time.time() - t0,
+            "eval_samples": config.eval.num_samples,
+            "final": {k: out[f"student/{k}"] for k, _ in FINAL},
+            "teacher": {k: out[f"teacher/{k}"] for k, _ in FINAL if f"teacher/{k}" in out},
+            "curve": [{k: r[k] for k in ("step", "phase", "diversity_vs_teacher", "saturation")
+                       if k in r} for r in health.load_history(workdir, _STEPS.value)]}
+  json.dump(result, open(done, "w"), indent=1, default=float)
+  print(f"{row_id} seed {seed}: {result['wall_s']:.0f} s, diversity / teacher's "
+        f"{result['curve'][-1]['diversity_vs_teacher']:.3f}", flush=True)
+  return result
+
+
+def _curve(runs):
+  """(steps, [seeds x checks] diversity / teacher's) over the checks every run has."""
+  steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in runs)))
+  vals = np.array([[next(c["diversity_vs_teacher"] for c in r["curve"] if c["step"] == s)
+                    for s in steps] for r in runs])
+  return np.array(steps), vals
+
+
+def _cell(v):
+  v = np.asarray(v, np.float64)
+  return f"{v.mean():.3f}" + (f" ± {v.std():.2g}" if v.size > 1 else "")
+
+
+def write(results, names):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows, fig = [], plt.figure(figsize=(7, 4.2))
+  ax = fig.add_subplot(111)
+  for row_id, runs in results.items():
+    steps, vals = _curve(runs)
+    n = len(steps)
+    pick = {"first": 0, "middle": n // 2, "last": n - 1}
+    rows.append({"setting": names[row_id], "seeds": len(runs),
+                 **{f"div. @ {steps[i]}": _cell(vals[:, i]) for i in pick.values()},
+                 "min over run": _cell(vals.min(1)),
+                 **{label: _cell([r["final"][k] for r in runs]) for k, label in FINAL}})
+    line, = ax.plot(steps, vals.mean(0), label=names[row_id])
+    if len(runs) > 1:
+      ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+  ax.axhline(1.0, color="k", lw=0.8, ls=":")
+  ax.set_xlabel("generator update")
+  ax.set_ylabel("same-class pixel distance / teacher's")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(_OUT.value, "diversity.png"), dpi=110)
+  plt.close(fig)
+  teacher = next(iter(results.values()))[0]["teacher"]
+  cols = list(dict.fromkeys(k for r in rows for k in r))
+  text = (f"# Diversity over training on MNIST ({_STEPS.value} generator updates per run)\n\n"
+          f"Command: `python experiments/diversity.py --seeds={','.join(_SEEDS.value)} "
+          f"--steps={_STEPS.value} --every={_EVERY.value} --health_seeds={_HSEEDS.value}`"
+          + (f" (variant {_VARIANT.value})" if _VARIANT.value else "") + ". div. @ u: the in-loop "
+          f"health check at update u, same-class pairwise pixel distance over {_HSEEDS.value} "
+          "noises per class as a fraction of the teacher's from the same noise (mean ± std over "
+          "seeds; 1 = the teacher's spread). Final metrics on "
+          f"{next(iter(results.values()))[0]['eval_samples']} samples: feat. cosine "
+          "(same-class feature cosine, higher = less diverse; teacher "
+          f"{teacher.get('feature_cosine', float('nan')):.3f}), pixel L2 (teacher "
+          f"{teacher.get('pixel_l2', float('nan')):.2f}), FD to the teacher, class accuracy. "
+          "Curves: [diversity.png](diversity.png) (mean over seeds, band = range).\n\n"
+          + gmm_metrics.markdown_table(rows, cols) + READING)
+  with open(os.path.join(_OUT.value, "diversity.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(_OUT.value, "diversity.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+
+
+def main(argv):
+  del argv
+  jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  os.makedirs(_OUT.value, exist_ok=True)
+  by_id = {r[0]: r for r in ROWS}
+  unknown = [r for r in _ONLY.value if r not in by_id]
+  if unknown:
+    raise app.UsageError(f"--only: unknown rows {unknown}; rows: {list(by_id)}")
+  results, names = {}, {r[0]: r[1] for r in ROWS}
+  for row_id in _ONLY.value or list(by_id):
+    _, _, variant, overrides = by_id[row_id]
+    for seed in map(int, _SEEDS.value):
+      out = run_one(row_id, variant, overrides, seed)
+      if out is not None:
+        results.setdefault(row_id, []).append(out)
+        write({r: results[r] for r in by_id if r in results}, names)
+
+
+if __name__ == "__main__":
+  app.run(main)
