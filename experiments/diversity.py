@@ -164,7 +164,7 @@ def write(results, names):
           f"health check at update u, same-class pairwise pixel distance over {_HSEEDS.value} "
           "noises per class as a fraction of the teacher's from the same noise (mean ± std over "
           "seeds; 1 = the teacher's spread). Final metrics on "
-          f"{next(iter(results.values()))[0]['eval_samples']} samples: feat. cosine "
+          f"{next(iter(results.values()))[0].get('eval_samples', 500)} samples: feat. cosine "
           "(same-class feature cosine, higher = less diverse; teacher "
           f"{teacher.get('feature_cosine', float('nan')):.3f}), pixel L2 (teacher "
           f"{teacher.get('pixel_l2', float('nan')):.2f}), FD to the teacher, class accuracy. "
