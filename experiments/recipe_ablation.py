@@ -119,7 +119,7 @@ READING = """
   the fake) / 1.25x (on the teacher). The anchor costs 1.68x (16 guided teacher steps per
   generator update), IDA 1.05x, the others 1.00x. The GAN rows' MNIST seeds 0-1 ran with the old
   convolutions (the same arithmetic up to float rounding), seed 2 with the new ones.
-- **Video** (moving digits, 100 updates, seeds 0 and 1): there is no best MNIST combination, so
+- **Video** (moving digits, the v1 teacher, 100 updates, seeds 0 and 1): there is no best MNIST combination, so
   the video row is the one term that uses real data, the GAN head on real clips. It changes
   nothing beyond the noise: flow / teacher's 0.858 vs 0.855 (+0.003, seeds +0.004 and +0.001),
   FD to the teacher -0.1, dynamic degree equal (saturated at 0.997 for both, as for every row

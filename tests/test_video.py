@@ -99,9 +99,13 @@ def test_shipped_video_teacher_reproduces_its_card():
   assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.03)
   for k in ("mean_flow", "feature_cosine", "pixel_l2"):
     assert got[k] == pytest.approx(want[k], rel=0.03), k
-  # a teacher worth distilling: digits a classifier reads on most frames, moving about as fast
-  # as the data's (real 24-px clips: accuracy 0.98, 1.30 px/frame)
+  # a teacher worth distilling (issue 17's bars): digits a classifier reads on >= 90% of frames,
+  # moving about as fast as the data's, with at least half the data's spread of per-clip speeds
+  # (real 24-px clips: accuracy 0.98, 1.30 px/frame, speed std 0.83)
   real = video_metrics.video_report(*video_metrics.real_clips(card["data"], 300),
                                     sprite_size=card["data"]["sprite_size"])
-  assert card["metrics"]["accuracy"] >= 0.8 and real["accuracy"] >= 0.95
+  assert card["metrics"]["accuracy"] >= 0.9 and real["accuracy"] >= 0.95
   assert card["metrics"]["mean_flow"] == pytest.approx(real["mean_flow"], rel=0.25)
+  assert card["metrics"]["std_flow"] >= 0.5 * real["std_flow"]
+  # less flicker than the first shipped teacher (v1, kept in the card), though still above real
+  assert card["metrics"]["warp_error"] < 0.75 * card["previous"]["metrics"]["warp_error"]
