@@ -15,7 +15,8 @@ within the last phase and at the end.
 
 Writes ``docs/results/diversity.md`` (table + reading), ``diversity.png`` (curves, mean and
 range over seeds) and ``diversity.json`` (every run's curve and final metrics). Runs are cached
-in ``--workroot`` per teacher (card fingerprint); ``--cached_only`` tabulates what finished.
+in ``--workroot`` per teacher (card fingerprint) and resume from their last checkpoint when
+interrupted (SIGTERM saves and exits); ``--cached_only`` tabulates what finished.
 
   python experiments/diversity.py --seeds=0,1 --steps=600 --only=sgts,phased_sgts,phased
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -97,15 +97,17 @@ def run_one(row_id, variant, overrides, seed):
   extra = f",{_VARIANT.value}" if _VARIANT.value else ""
   config = configs.load(f"configs/mnist.py:{variant},seed={seed}{extra}")
   config.train.num_steps = _STEPS.value
-  config.train.ckpt_every = _STEPS.value
+  config.train.ckpt_every = 4 * _EVERY.value      # an interrupted run resumes from here
   config.health.every = _EVERY.value
   config.health.seeds = _HSEEDS.value
   for k, v in overrides.items():
     _set(config, k, v)
-  shutil.rmtree(workdir, ignore_errors=True)
-  os.makedirs(workdir)
+  os.makedirs(workdir, exist_ok=True)    # an interrupted run resumes from its checkpoint
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  if "stopped_at_step" in out:       # preempted (SIGTERM) or stopped early: not a result
+    sys.exit(f"{row_id} seed {seed}: stopped at step {out['stopped_at_step']} "
+             f"({out.get('preempted') or out.get('stopped_early')}); rerun to resume")
   result = {"seed": seed, "overrides": overrides, "wall_s": time.time() - t0,
             "eval_samples": config.eval.num_samples,
             "final": {k: out[f"student/{k}"] for k, _ in FINAL},
@@ -186,9 +188,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--only: unknown rows {unknown}; rows: {list(by_id)}")
   results, names = {}, {r[0]: r[1] for r in ROWS}
-  for row_id in _ONLY.value or list(by_id):
-    _, _, variant, overrides = by_id[row_id]
-    for seed in map(int, _SEEDS.value):
+  for seed in map(int, _SEEDS.value):    # seed-major: every row has a run before any has two
+    for row_id in _ONLY.value or list(by_id):
+      _, _, variant, overrides = by_id[row_id]
       out = run_one(row_id, variant, overrides, seed)
       if out is not None:
         results.setdefault(row_id, []).append(out)
