@@ -112,7 +112,8 @@ def run_one(row_id, variant, overrides, seed):
             "eval_samples": config.eval.num_samples,
             "final": {k: out[f"student/{k}"] for k, _ in FINAL},
             "teacher": {k: out[f"teacher/{k}"] for k, _ in FINAL if f"teacher/{k}" in out},
-            "curve": [{k: r[k] for k in ("step", "phase", "diversity_vs_teacher", "saturation")
+            "curve": [{k: r[k] for k in ("step", "phase", "diversity_vs_teacher", "feature_cosine",
+                                         "feature_cosine_excess", "saturation")
                        if k in r} for r in health.load_history(workdir, _STEPS.value)]}
   json.dump(result, open(done, "w"), indent=1, default=float)
   print(f"{row_id} seed {seed}: {result['wall_s']:.0f} s, diversity / teacher's "
@@ -120,11 +121,11 @@ def run_one(row_id, variant, overrides, seed):
   return result
 
 
-def _curve(runs):
-  """(steps, [seeds x checks] diversity / teacher's) over the checks every run has."""
-  steps = sorted(set.intersection(*({c["step"] for c in r["curve"]} for r in runs)))
-  vals = np.array([[next(c["diversity_vs_teacher"] for c in r["curve"] if c["step"] == s)
-                    for s in steps] for r in runs])
+def _curve(runs, key="diversity_vs_teacher"):
+  """(steps, [seeds x checks] values of ``key``) over the checks every run has."""
+  steps = sorted(set.intersection(*({c["step"] for c in r["curve"] if key in c} for r in runs)))
+  vals = np.array([[next(c[key] for c in r["curve"] if c["step"] == s) for s in steps]
+                   for r in runs])
   return np.array(steps), vals
 
 
@@ -137,23 +138,32 @@ def write(results, names):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  rows, fig = [], plt.figure(figsize=(7, 4.2))
-  ax = fig.add_subplot(111)
+  rows, fig = [], plt.figure(figsize=(11, 4.2))
+  axes = fig.add_subplot(121), fig.add_subplot(122)
   for row_id, runs in results.items():
     steps, vals = _curve(runs)
     n = len(steps)
     pick = {"first": 0, "middle": n // 2, "last": n - 1}
-    rows.append({"setting": names[row_id], "seeds": len(runs),
-                 **{f"div. @ {steps[i]}": _cell(vals[:, i]) for i in pick.values()},
-                 "min over run": _cell(vals.min(1)),
-                 **{label: _cell([r["final"][k] for r in runs]) for k, label in FINAL}})
-    line, = ax.plot(steps, vals.mean(0), label=names[row_id])
-    if len(runs) > 1:
-      ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
-  ax.axhline(1.0, color="k", lw=0.8, ls=":")
-  ax.set_xlabel("generator update")
-  ax.set_ylabel("same-class pixel distance / teacher's")
-  ax.legend(fontsize=7)
+    row = {"setting": names[row_id], "seeds": len(runs),
+           **{f"div. @ {steps[i]}": _cell(vals[:, i]) for i in pick.values()},
+           "min over run": _cell(vals.min(1))}
+    for ax, key in zip(axes, ("diversity_vs_teacher", "feature_cosine_excess")):
+      steps, vals = _curve(runs, key)
+      if not len(steps):
+        continue
+      if key == "feature_cosine_excess":
+        row[f"cos. excess @ {steps[-1]}"] = _cell(vals[:, -1])
+      line, = ax.plot(steps, vals.mean(0), label=names[row_id])
+      if len(runs) > 1:
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+    row.update({label: _cell([r["final"][k] for r in runs]) for k, label in FINAL})
+    rows.append(row)
+  for ax, y0, label in ((axes[0], 1.0, "same-class pixel distance / teacher's"),
+                        (axes[1], 0.0, "same-class feature cosine - teacher's (> 0: less diverse)")):
+    ax.axhline(y0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("generator update")
+    ax.set_ylabel(label, fontsize=8)
+  axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(_OUT.value, "diversity.png"), dpi=110)
   plt.close(fig)
@@ -165,7 +175,9 @@ def write(results, names):
           + (f" (variant {_VARIANT.value})" if _VARIANT.value else "") + ". div. @ u: the in-loop "
           f"health check at update u, same-class pairwise pixel distance over {_HSEEDS.value} "
           "noises per class as a fraction of the teacher's from the same noise (mean ± std over "
-          "seeds; 1 = the teacher's spread). Final metrics on "
+          "seeds; 1 = the teacher's spread); cos. excess @ u: same-class cosine of the classifier's "
+          "features minus the teacher's at the last check (> 0 = less diverse in content). Final "
+          "metrics on "
           f"{next(iter(results.values()))[0].get('eval_samples', 500)} samples: feat. cosine "
           "(same-class feature cosine, higher = less diverse; teacher "
           f"{teacher.get('feature_cosine', float('nan')):.3f}), pixel L2 (teacher "

@@ -5,6 +5,8 @@ set (every class x ``health.seeds`` noises) and reports, relative to the teacher
 samples from the same noise (computed once):
 - diversity: mean same-class pairwise L2 distance between seeds (the collapse DMD is known
   for shows up here first), as a fraction of the teacher's;
+- feature cosine (digits): same-class pairwise cosine of the classifier's features, and its
+  excess over the teacher's (> 0 = less diverse in content, not just in pixels);
 - saturation: fraction of values beyond [-1.1, 1.1] (image/video data);
 - motion (videos): mean optical-flow magnitude as a fraction of the teacher's.
 With ``health.min_fraction`` > 0 the run stops early (after a checkpoint) once diversity or
@@ -46,6 +48,9 @@ class HealthMonitor:
     self.image = len(run.sample_shape) >= 3
     self.labels = np.tile(np.arange(run.num_classes), seeds).astype(np.int32)
     self.z = jax.random.normal(jax.random.PRNGKey(seed), (len(self.labels),) + run.sample_shape)
+    family = getattr(run, "family", None)     # digits: the classifier's features
+    self._features = (jax.jit(family.features) if family is not None
+                      and family.features is not None else None)
     self._student = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
         run.plan, run.step_cfg.experts_apply(tp), e, z, y)[-1])
     c = run.config
@@ -57,6 +62,9 @@ class HealthMonitor:
 
   def _stats(self, x) -> dict:
     out = {"diversity": image_metrics.pixel_l2(x, self.labels)}
+    if self._features is not None:
+      out["feature_cosine"] = image_metrics.feature_cosine(
+          np.asarray(self._features(jnp.asarray(x))), self.labels)
     if self.image:
       out["saturation"] = image_metrics.saturation(x)
     if self.video:
@@ -72,6 +80,8 @@ class HealthMonitor:
     out["diversity_vs_teacher"] = s["diversity"] / max(self.reference["diversity"], 1e-12)
     if self.video:
       out["motion_vs_teacher"] = s["motion"] / max(self.reference["motion"], 1e-12)
+    if "feature_cosine" in s:    # > 0: samples of a class more alike than the teacher's
+      out["feature_cosine_excess"] = s["feature_cosine"] - self.reference["feature_cosine"]
     reasons = [f"{k}={out[k]:.3f} < {self.min_fraction}" for k in
                ("diversity_vs_teacher", "motion_vs_teacher")
                if self.min_fraction > 0 and k in out and out[k] < self.min_fraction]

@@ -48,6 +48,21 @@ def test_diversity_is_relative_to_the_teachers_and_collapse_is_named():
   assert noise["collapsed"] == ""
   assert noise["diversity_vs_teacher"] == pytest.approx(
       noise["diversity"] / monitor.reference["diversity"])
+  assert "feature_cosine" not in noise        # no feature map: no feature diversity
+
+
+def test_feature_diversity_is_reported_when_the_family_has_features():
+  """With features (here x -> x + (5, 5)), a collapse to one point per class has same-class
+  cosine 1 and the excess over the teacher's is reported; spread samples are below 1."""
+  apply = lambda p, x, t, y: p * x / t[:, None]
+  run = _run(apply)
+  run.family = types.SimpleNamespace(features=lambda x: x + 5.0)
+  monitor = health.HealthMonitor(run, seeds=6)
+  collapsed = monitor(types.SimpleNamespace(experts=tuple(np.float32(1.0) for _ in range(4))))
+  assert collapsed["feature_cosine"] == pytest.approx(1.0, abs=1e-6)
+  teacher = monitor.reference["feature_cosine"]
+  assert teacher < 0.999
+  assert collapsed["feature_cosine_excess"] == pytest.approx(1.0 - teacher, abs=1e-6)
 
 
 @pytest.mark.parametrize("collapse_at", [2, 4])   # 2: no regular save there; 4: a phase end
