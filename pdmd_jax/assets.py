@@ -24,6 +24,13 @@ def path(name: str) -> str:
   return os.path.join(ROOT, name)
 
 
+def portable(p: str) -> str:
+  """``p`` relative to the repository when it lies inside it (as cards record paths), else ``p``."""
+  repo = os.path.dirname(ROOT)
+  a = os.path.abspath(p) if p else p
+  return os.path.relpath(a, repo) if a and a.startswith(repo + os.sep) else p
+
+
 def _key(k) -> str:
   return ".".join(map(str, k))
 

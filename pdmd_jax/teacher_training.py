@@ -253,7 +253,8 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
       "data": data,
       "model": dataclasses.asdict(cfg),
       "num_params": int(sum(v.size for v in jax.tree.leaves(ema))),
-      "train": dict(tr), "seed": config.seed, "steps": step,
+      "train": {**dict(tr), "init_from": assets.portable(tr.get("init_from", ""))},
+      "seed": config.seed, "steps": step,
       "train_wall_time_s_this_session": round(wall, 1),
       "weights": "EMA of the training weights", "eval": dict(config.eval), "metrics": None,
   }

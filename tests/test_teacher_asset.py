@@ -55,3 +55,10 @@ def test_fingerprint_names_the_card(tmp_path):
     assets.save(str(tmp_path / name), params, card)
   fp = {n: assets.fingerprint(str(tmp_path / n)) for n in "abc"}
   assert fp["a"] == fp["b"] != fp["c"] and len(fp["a"]) == 8
+
+
+def test_cards_record_repository_paths_relative():
+  """A card names a shipped asset by its repository path, never by this machine's checkout."""
+  assert assets.portable(assets.path("mnist_teacher")) == os.path.join("assets", "mnist_teacher")
+  assert assets.portable("/elsewhere/teacher") == "/elsewhere/teacher"
+  assert assets.portable("") == ""
