@@ -73,14 +73,6 @@ FINAL = [("feature_cosine", "feat. cosine"), ("pixel_l2", "pixel L2"),
 READING = ""
 
 
-def _set(config, key, value):
-  node = config
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 def _root():
   return os.path.join(_WORK.value, f"teacher_{assets.fingerprint(assets.path('mnist_teacher'))}"
                       + (f"_{_VARIANT.value}" if _VARIANT.value else ""))
@@ -101,7 +93,7 @@ def run_one(row_id, variant, overrides, seed):
   config.health.every = _EVERY.value
   config.health.seeds = _HSEEDS.value
   for k, v in overrides.items():
-    _set(config, k, v)
+    configs.set_leaf(config, k, v)
   os.makedirs(workdir, exist_ok=True)    # an interrupted run resumes from its checkpoint
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)

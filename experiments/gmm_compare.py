@@ -54,21 +54,13 @@ def _load_config(variant):
   return configs.load(f"configs/gmm.py:{variant}")
 
 
-def _set(config, key, value):
-  node = config
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 def run_one(name, variant, overrides, steps, dataset, seed):
   dim = 2 if dataset == "ring" else 16
   config = _load_config(f"{variant},dim={dim},seed={seed}")
   config.train.num_steps = steps
   config.train.ckpt_every = steps       # checkpoint only at phase ends
   for k, v in overrides.items():
-    _set(config, k, v)
+    configs.set_leaf(config, k, v)
   slug = "".join(ch if ch.isalnum() else "_" for ch in name)
   workdir = os.path.join(_WORK.value, dataset, f"{slug}_x{steps}_s{seed}")
   if os.path.exists(os.path.join(workdir, "metrics.json")):

@@ -79,19 +79,11 @@ EVAL = ("modes_covered", "weight_error_max", "sliced_wasserstein")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
 
-def _set(config, key, value):
-  node = config
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 def _config(spec, overrides, seed):
   config = configs.load(f"{spec},seed={seed}" if ":" in spec else f"{spec}:seed={seed}")
   config.train.ckpt_every = config.train.num_steps
   for k, v in overrides.items():
-    _set(config, k, v)
+    configs.set_leaf(config, k, v)
   return config
 
 

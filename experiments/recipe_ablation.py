@@ -144,14 +144,6 @@ VIDEO_METRICS = [("accuracy", "class acc."), ("fd_reference", "FD teacher"),
                  ("saturation", "saturation")]
 
 
-def _set(config, key, value):
-  node = config
-  *path, leaf = key.split(".")
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 @functools.cache
 def _prior_runs():
   return json.load(open(_PRIOR.value)) if _PRIOR.value else {}
@@ -177,7 +169,7 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
     config.train.num_steps = steps
   config.train.ckpt_every = config.train.num_steps
   for k, v in overrides.items():
-    _set(config, k, v)
+    configs.set_leaf(config, k, v)
   workdir = os.path.join(_suite_dir(suite), f"{row_id}_s{seed}")
   done = os.path.join(workdir, "metrics.json")
   if os.path.exists(done):

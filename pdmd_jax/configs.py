@@ -51,6 +51,15 @@ def load(spec: str):
 # Shared blocks
 # ============================================================================================
 
+def set_leaf(config, key: str, value) -> None:
+  """Sets the dotted field ``key`` (e.g. "generator.lr") of a ConfigDict to ``value``."""
+  node = config
+  *path, leaf = key.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+
+
 def method(c, name: str, steps: int, phases: int, *, shift: float, seed: int = 0,
            grid_times=()):
   """The method and its phase plan (README "Methods as phase plans") on ``c``."""
