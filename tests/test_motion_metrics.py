@@ -55,6 +55,20 @@ def test_static_and_dynamic_degree():
   assert mm.motion_report(fast)["dynamic_degree"] == 1.0
 
 
+def test_fast_dynamic_degree_splits_slow_from_fast_motion():
+  """The 1.5 px/frame threshold: every speed-1 clip below it, every speed-2 clip above it, and
+  on clips with the data's speed mixture (20% static, else U[0.5, 3]) the share of true speeds
+  above ~1.6 px/frame: 0.8 * 1.4 / 2.5 = 0.45."""
+  slow, fast = _clips(1.0, n=10), _clips(2.0, n=10)
+  assert mm.motion_report(slow)["dynamic_degree_fast"] == 0.0
+  assert mm.motion_report(fast)["dynamic_degree_fast"] == 1.0
+  rng = np.random.default_rng(1)
+  speeds = np.where(rng.random(200) < 0.2, 0.0, rng.uniform(0.5, 3.0, 200))
+  mix = np.stack([SRC.clip(i, speed=s)["video"] for i, s in enumerate(speeds)])
+  share = mm.motion_report(mix)["dynamic_degree_fast"]
+  assert abs(share - 0.45) < 0.08, share
+
+
 def test_temporal_consistency():
   real = _clips(1.5, n=5)
   rng = np.random.default_rng(0)
@@ -67,8 +81,8 @@ def test_temporal_consistency():
 def test_motion_report_keys_and_ratio():
   slow, fast = _clips(1.0, n=5), _clips(2.0, n=5)
   rep = mm.motion_report(slow, reference=fast)
-  assert set(rep) == {"mean_flow", "std_flow", "frame_flow", "dynamic_degree", "warp_error",
-                      "frame_diff", "flow_ratio"}
+  assert set(rep) == {"mean_flow", "std_flow", "frame_flow", "dynamic_degree",
+                      "dynamic_degree_fast", "warp_error", "frame_diff", "flow_ratio"}
   assert rep["flow_ratio"] == pytest.approx(0.5, abs=0.1)
   single = mm.motion_report(slow[0])  # one clip [T, H, W, 1]
   assert single["mean_flow"] == pytest.approx(mm.clip_motion(slow[:1])["flow"][0])

@@ -26,7 +26,8 @@ from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
 
 COLUMNS = ("accuracy", "fd_real", "fd_reference", "feature_cosine", "pixel_l2", "saturation")
-VIDEO_COLUMNS = COLUMNS + ("mean_flow", "flow_ratio", "dynamic_degree", "warp_error")
+VIDEO_COLUMNS = COLUMNS + ("mean_flow", "flow_ratio", "dynamic_degree", "dynamic_degree_fast",
+                          "warp_error")
 GRID_SEEDS = 8
 
 
