@@ -247,8 +247,10 @@ def write_table(results, extra=""):
   header = (f"# Moving digits (video DiT teacher): motion after distillation, {_STEPS.value} "
             f"generator updates per run (TTUR 5, batch {_BATCH.value}, LoRA rank 16, CFG 3)\n\n"
             "Command: `python experiments/video_motion.py --seeds=" + ",".join(_SEEDS.value) +
-            f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}`"
-            + (" (an interrupted sweep, tabulated with --cached_only: the seeds column counts the "
+            f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}"
+            + ("" if _OUT.value == _OUT.default else
+               f" --out={os.path.relpath(_OUT.value, ROOT)}") + "`"
+            + (" (tabulated from cached runs with --cached_only: the seeds column counts the "
                "runs that finished)" if _CACHED.value else "") + ". mean ± std "
             f"over seeds; each run draws the same {_EVAL.value} clips ({_EVAL.value // 10} per class, "
             "8 frames of 32x32) from the same noise and labels as the teacher's "
