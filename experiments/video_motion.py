@@ -17,6 +17,7 @@ low-noise halves of its sampler (``motion_by_phase``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -114,10 +115,14 @@ def run_one(row_id, variant, steps, seed):
   return out, workdir
 
 
+# The METRICS computed from clips alone: back-filled into older runs, reported for real clips.
+_MOTION_KEYS = ("mean_flow", "dynamic_degree", "dynamic_degree_fast", "warp_error")
+
+
 def _backfill(out, workdir):
   """Adds motion metrics introduced after a run finished, from its saved clips (the eval set and
   the teacher's reference on the same noise), and re-saves its metrics.json."""
-  keys = [k for k, _ in METRICS if f"student/{k}" not in out and k in _MOTION_KEYS]
+  keys = [k for k in _MOTION_KEYS if f"student/{k}" not in out]
   if keys:
     for who, f in (("student", "samples_final.npy"), ("teacher", _teacher_file(workdir))):
       rep = motion_metrics.motion_report(np.clip(np.load(os.path.join(workdir, f)).astype(
@@ -127,9 +132,7 @@ def _backfill(out, workdir):
   return out
 
 
-_MOTION_KEYS = ("mean_flow", "dynamic_degree", "dynamic_degree_fast", "warp_error")
-
-
+@functools.cache
 def _real_row():
   """Motion of held-out real clips with the teacher card's data settings (the data's reference)."""
   clips, _ = video_metrics.real_clips(assets.load_card(_teacher_dir())["data"], _EVAL.value)
