@@ -14,6 +14,8 @@ Variants (the comparison in docs/results/mnist.md uses the same budget for each)
   python main.py --config=configs/mnist.py:method=dmd_multistep ...         # vanilla 4-step
   python main.py --config=configs/mnist.py:runlocal ...                     # seconds (tests)
   python main.py --config=configs/mnist.py --config.generator.lora_rank=0 ...  # full-copy experts
+  python main.py --config=configs/mnist.py --config.teacher.unconditional=True \
+      --config.teacher.guidance_scale=1 ...                                # the null class only
 """
 
 import ml_collections
@@ -33,6 +35,8 @@ def get_config(arg=None):
   c.teacher.path = ""                      # "" = the shipped assets/mnist_teacher
   c.teacher.guidance_scale = 3.0           # CFG of the teacher in the DMD gradient (and reference)
   c.teacher.cfg_norm = "none"              # none | sample | token: CFG rescaled to the conditional's norm
+  c.teacher.unconditional = False          # True: distil the null class only (guidance_scale 1):
+                                           #   diversity as coverage of the digit classes
   c.teacher.arch = ml_collections.ConfigDict()   # {} = trained weights; DiTConfig fields = a
   c.teacher.perturb = 0.05                 #   random DiT (planning, benchmarks), weights + N(0, perturb)
 

@@ -9,7 +9,9 @@ keeps these in ``<workdir>/health.json``; the final evaluation (500 samples) add
 (higher = less diverse), pixel L2, FD to the teacher and class accuracy. Rows: DMD2/SGTS, Phased
 DMD 4-step 2-phase with SGTS in phases (the Wan recipe) and 4-step 4-phase, and the issue's
 candidate settings where the mechanism might show: full-copy experts instead of LoRA and a
-higher teacher CFG. Phased rows train their phases in turn, so during phase 1 the sampler's
+higher teacher CFG; and unconditional rows (the teacher's null class, no guidance), where the
+ten digits are modes to cover as the ring's are, so diversity is also class coverage (class
+entropy, total variation of the class frequencies from the teacher's). Phased rows train their phases in turn, so during phase 1 the sampler's
 later steps still use the untrained expert (the teacher's one-step jump): compare curves
 within the last phase and at the end.
 
@@ -55,6 +57,9 @@ _CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only
 
 SGTS, PHASED_SGTS, PHASED = ("method=dmd2_sgts,steps=4", "method=phased_dmd_sgts,steps=4,phases=2",
                              "method=phased_dmd,steps=4")
+# The null class only (the teacher's unconditional branch, no guidance): the ten digits become
+# modes the sampler must cover, as the ring's; diversity is then class coverage too.
+UNCOND = {"teacher.unconditional": True, "teacher.guidance_scale": 1.0}
 # (row id, row name, config variant, leaf overrides)
 ROWS = [
     ("sgts", "DMD2 / SGTS (4 steps)", SGTS, {}),
@@ -66,9 +71,15 @@ ROWS = [
     ("sgts_cfg6", "DMD2 / SGTS, teacher CFG 6", SGTS, {"teacher.guidance_scale": 6.0}),
     ("phased_sgts_cfg6", "Phased DMD 2-phase, teacher CFG 6", PHASED_SGTS,
      {"teacher.guidance_scale": 6.0}),
+    ("sgts_uncond", "DMD2 / SGTS, unconditional", SGTS, UNCOND),
+    ("phased_sgts_uncond", "Phased DMD 2-phase, unconditional", PHASED_SGTS, UNCOND),
+    ("phased_uncond", "Phased DMD 4-phase, unconditional", PHASED, UNCOND),
 ]
 FINAL = [("feature_cosine", "feat. cosine"), ("pixel_l2", "pixel L2"),
-         ("fd_reference", "FD teacher"), ("accuracy", "class acc.")]
+         ("fd_reference", "FD teacher"), ("accuracy", "class acc."),
+         ("class_entropy", "class entropy"), ("class_tv_reference", "class TV teacher")]
+CURVE = ("step", "phase", "diversity_vs_teacher", "feature_cosine", "feature_cosine_excess",
+         "saturation", "class_entropy", "class_tv_reference")
 # What the tables say (rewritten with the tables; keep it true to them).
 READING = ""
 
@@ -102,11 +113,10 @@ def run_one(row_id, variant, overrides, seed):
              f"({out.get('preempted') or out.get('stopped_early')}); rerun to resume")
   result = {"seed": seed, "overrides": overrides, "wall_s": time.time() - t0,
             "eval_samples": config.eval.num_samples,
-            "final": {k: out[f"student/{k}"] for k, _ in FINAL},
+            "final": {k: out[f"student/{k}"] for k, _ in FINAL if f"student/{k}" in out},
             "teacher": {k: out[f"teacher/{k}"] for k, _ in FINAL if f"teacher/{k}" in out},
-            "curve": [{k: r[k] for k in ("step", "phase", "diversity_vs_teacher", "feature_cosine",
-                                         "feature_cosine_excess", "saturation")
-                       if k in r} for r in health.load_history(workdir, _STEPS.value)]}
+            "curve": [{k: r[k] for k in CURVE if k in r}
+                      for r in health.load_history(workdir, _STEPS.value)]}
   json.dump(result, open(done, "w"), indent=1, default=float)
   print(f"{row_id} seed {seed}: {result['wall_s']:.0f} s, diversity / teacher's "
         f"{result['curve'][-1]['diversity_vs_teacher']:.3f}", flush=True)
@@ -123,35 +133,52 @@ def _curve(runs, key="diversity_vs_teacher"):
 
 def _cell(v):
   v = np.asarray(v, np.float64)
-  return f"{v.mean():.3f}" + (f" ± {v.std():.2g}" if v.size > 1 else "")
+  v = v[np.isfinite(v)]
+  return "" if not v.size else f"{v.mean():.3f}" + (f" ± {v.std():.2g}" if v.size > 1 else "")
+
+
+def _teacher_name(overrides):
+  """The reference a row is measured against: the teacher with its guidance and conditioning."""
+  if overrides.get("teacher.unconditional"):
+    return "teacher, unconditional (null class)"
+  return f"teacher, CFG {overrides.get('teacher.guidance_scale', 3.0):g}"
+
+
+PANELS = (("diversity_vs_teacher", 1.0, "pixel distance between seeds / teacher's"),
+          ("feature_cosine_excess", 0.0, "feature cosine - teacher's (> 0: less diverse)"),
+          ("class_tv_reference", 0.0, "unconditional: class TV to the teacher's (0: same)"))
 
 
 def write(results, names):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  rows, fig = [], plt.figure(figsize=(11, 4.2))
-  axes = fig.add_subplot(121), fig.add_subplot(122)
+  rows, teachers = [], {}
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.4))
   for row_id, runs in results.items():
+    uncond = bool(runs[0]["overrides"].get("teacher.unconditional"))
+    teachers.setdefault(_teacher_name(runs[0]["overrides"]), runs[0]["teacher"])
     steps, vals = _curve(runs)
     n = len(steps)
     pick = {"first": 0, "middle": n // 2, "last": n - 1}
     row = {"setting": names[row_id], "seeds": len(runs),
            **{f"div. @ {steps[i]}": _cell(vals[:, i]) for i in pick.values()},
            "min over run": _cell(vals.min(1))}
-    for ax, key in zip(axes, ("diversity_vs_teacher", "feature_cosine_excess")):
+    color = None
+    for ax, (key, _, _) in zip(axes, PANELS):
       steps, vals = _curve(runs, key)
       if not len(steps):
         continue
       if key == "feature_cosine_excess":
         row[f"cos. excess @ {steps[-1]}"] = _cell(vals[:, -1])
-      line, = ax.plot(steps, vals.mean(0), label=names[row_id])
+      line, = ax.plot(steps, vals.mean(0), label=names[row_id], color=color,
+                      ls="--" if uncond else "-")
+      color = line.get_color()
       if len(runs) > 1:
-        ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
-    row.update({label: _cell([r["final"][k] for r in runs]) for k, label in FINAL})
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.2)
+    row.update({label: _cell([r["final"].get(k, np.nan) for r in runs]) for k, label in FINAL})
     rows.append(row)
-  for ax, y0, label in ((axes[0], 1.0, "same-class pixel distance / teacher's"),
-                        (axes[1], 0.0, "same-class feature cosine - teacher's (> 0: less diverse)")):
+  for ax, (_, y0, label) in zip(axes, PANELS):
     ax.axhline(y0, color="k", lw=0.8, ls=":")
     ax.set_xlabel("generator update")
     ax.set_ylabel(label, fontsize=8)
@@ -159,22 +186,26 @@ def write(results, names):
   fig.tight_layout()
   fig.savefig(os.path.join(_OUT.value, "diversity.png"), dpi=110)
   plt.close(fig)
-  teacher = next(iter(results.values()))[0]["teacher"]
   cols = list(dict.fromkeys(k for r in rows for k in r))
+  rows = [{"setting": f"*{name}* (many-step Euler)",
+           **{label: _cell([t.get(k, np.nan)]) for k, label in FINAL if k != "fd_reference"}}
+          for name, t in teachers.items()] + rows
   text = (f"# Diversity over training on MNIST ({_STEPS.value} generator updates per run)\n\n"
           f"Command: `python experiments/diversity.py --seeds={','.join(_SEEDS.value)} "
           f"--steps={_STEPS.value} --every={_EVERY.value} --health_seeds={_HSEEDS.value}`"
           + (f" (variant {_VARIANT.value})" if _VARIANT.value else "") + ". div. @ u: the in-loop "
-          f"health check at update u, same-class pairwise pixel distance over {_HSEEDS.value} "
-          "noises per class as a fraction of the teacher's from the same noise (mean ± std over "
-          "seeds; 1 = the teacher's spread); cos. excess @ u: same-class cosine of the classifier's "
-          "features minus the teacher's at the last check (> 0 = less diverse in content). Final "
-          "metrics on "
-          f"{next(iter(results.values()))[0].get('eval_samples', 500)} samples: feat. cosine "
-          "(same-class feature cosine, higher = less diverse; teacher "
-          f"{teacher.get('feature_cosine', float('nan')):.3f}), pixel L2 (teacher "
-          f"{teacher.get('pixel_l2', float('nan')):.2f}), FD to the teacher, class accuracy. "
-          "Curves: [diversity.png](diversity.png) (mean over seeds, band = range).\n\n"
+          f"health check at update u, pairwise pixel distance between {_HSEEDS.value} noises "
+          "per class (same class; unconditional rows: all samples) as a fraction of the teacher's "
+          "from the same noise (mean ± std over seeds; 1 = the teacher's spread); cos. excess @ u: "
+          "the same with the classifier's features' cosine, minus the teacher's, at the last "
+          "check (> 0 = less diverse in content). Final metrics on "
+          f"{next(iter(results.values()))[0].get('eval_samples', 500)} samples against the row's "
+          "teacher (italic rows): feat. cosine (higher = less diverse), pixel L2, FD to the "
+          "teacher's samples from the same noise, class accuracy; unconditional rows (the "
+          "null class only, no guidance): class entropy (of the classes the samples read as, "
+          "/ log 10: 1 = uniform) and class TV teacher (total variation of the class frequencies "
+          "from the teacher's; 0 = the same). Curves: [diversity.png](diversity.png) (mean over "
+          "seeds, band = range; dashed = unconditional).\n\n"
           + gmm_metrics.markdown_table(rows, cols) + READING)
   with open(os.path.join(_OUT.value, "diversity.md"), "w") as f:
     f.write(text)

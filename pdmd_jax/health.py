@@ -7,6 +7,8 @@ samples from the same noise (computed once):
   for shows up here first), as a fraction of the teacher's;
 - feature cosine (digits): same-class pairwise cosine of the classifier's features, and its
   excess over the teacher's (> 0 = less diverse in content, not just in pixels);
+- class coverage (digits, unconditional runs: every sample from the null class): the entropy of
+  the classes the samples read as and their total variation from the teacher's;
 - saturation: fraction of values beyond [-1.1, 1.1] (image/video data);
 - motion (videos): mean optical-flow magnitude as a fraction of the teacher's.
 With ``health.min_fraction`` > 0 the run stops early (after a checkpoint) once diversity or
@@ -47,8 +49,12 @@ class HealthMonitor:
     self.video = len(run.sample_shape) == 4
     self.image = len(run.sample_shape) >= 3
     self.labels = np.tile(np.arange(run.num_classes), seeds).astype(np.int32)
+    family = getattr(run, "family", None)
+    self.unconditional = bool(getattr(family, "unconditional", False))
+    if self.unconditional:       # one group: the spread over every sample of the null class
+      self.labels = np.full_like(self.labels, run.num_classes)
     self.z = jax.random.normal(jax.random.PRNGKey(seed), (len(self.labels),) + run.sample_shape)
-    family = getattr(run, "family", None)     # digits: the classifier's features
+    # digits: the classifier's features
     self._features = (jax.jit(family.features) if family is not None
                       and family.features is not None else None)
     self._student = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
@@ -65,6 +71,9 @@ class HealthMonitor:
     if self._features is not None:
       out["feature_cosine"] = image_metrics.feature_cosine(
           np.asarray(self._features(jnp.asarray(x))), self.labels)
+    if self._features is not None and self.unconditional:
+      logits = image_metrics.load_classifier().logits(np.clip(x, -1, 1))
+      out["class_histogram"] = image_metrics.class_histogram(logits)
     if self.image:
       out["saturation"] = image_metrics.saturation(x)
     if self.video:
@@ -76,7 +85,10 @@ class HealthMonitor:
     x = np.asarray(self._student(self.run.experts(state), self.run.teacher_params, self.z,
                                  jnp.asarray(self.labels)))
     s = self._stats(x)
-    out = dict(s)
+    out = {k: v for k, v in s.items() if k != "class_histogram"}
+    if "class_histogram" in s:
+      out.update(image_metrics.class_coverage(s["class_histogram"],
+                                              self.reference["class_histogram"]))
     out["diversity_vs_teacher"] = s["diversity"] / max(self.reference["diversity"], 1e-12)
     if self.video:
       out["motion_vs_teacher"] = s["motion"] / max(self.reference["motion"], 1e-12)

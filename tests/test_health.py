@@ -65,6 +65,31 @@ def test_feature_diversity_is_reported_when_the_family_has_features():
   assert collapsed["feature_cosine_excess"] == pytest.approx(1.0 - teacher, abs=1e-6)
 
 
+def test_unconditional_run_samples_the_null_class_and_reports_class_coverage(monkeypatch):
+  """With Family.unconditional every health sample comes from the null class (here the only
+  label with a non-zero velocity, so a collapse shows only if the null label reached the
+  experts) and the report adds class coverage against the teacher's (classes read as the sign
+  of the first coordinate: the ring's teacher fills both half-planes)."""
+  from pdmd_jax.evaluation import image_metrics  # pylint: disable=import-outside-toplevel
+  sign = lambda x: np.eye(2)[(np.asarray(x)[:, 0] > 0).astype(int)]
+  monkeypatch.setattr(image_metrics, "load_classifier",
+                      lambda *a: image_metrics.Classifier(None, sign, {}))
+  apply = lambda p, x, t, y: p * x / t[:, None] * (y[:, None] == 2)
+  run = _run(apply)
+  run.family = types.SimpleNamespace(features=lambda x: x + 5.0, unconditional=True)
+  monitor = health.HealthMonitor(run, seeds=20)
+  np.testing.assert_array_equal(monitor.labels, 2)
+  assert 0.3 < monitor.reference["class_histogram"][0] < 0.7
+  collapsed = monitor(types.SimpleNamespace(experts=tuple(np.float32(1.0) for _ in range(4))))
+  assert collapsed["diversity"] == pytest.approx(0.0, abs=1e-6)
+  assert collapsed["class_entropy"] == pytest.approx(0.0)        # x = 0 everywhere: one class
+  assert collapsed["class_tv_reference"] == pytest.approx(
+      monitor.reference["class_histogram"][1])
+  spread = monitor(types.SimpleNamespace(experts=tuple(np.float32(0.0) for _ in range(4))))
+  assert spread["class_entropy"] > 0.9                  # x = z: both half-planes
+  assert "class_histogram" not in spread
+
+
 @pytest.mark.parametrize("collapse_at", [2, 4])   # 2: no regular save there; 4: a phase end
 def test_trainer_stops_early_on_collapse_after_a_checkpoint(gmm_config, tmp_path, monkeypatch,
                                                             collapse_at):

@@ -160,6 +160,21 @@ def test_bad_teacher_path_names_the_field(tiny_teacher):
     trainer.build(c)
 
 
+def test_unconditional_run_draws_the_null_class(tiny_teacher):
+  """teacher.unconditional: training and evaluation both draw the null class; CFG has nothing
+  to guide towards, so a guidance scale other than 1 is refused, naming the field."""
+  from pdmd_jax.evaluation import image_eval  # pylint: disable=import-outside-toplevel
+  c = _config(tiny_teacher)
+  c.teacher.unconditional = True
+  with pytest.raises(ValueError, match="teacher.guidance_scale"):
+    trainer.build(c)
+  c.teacher.guidance_scale = 1.0
+  run = trainer.build(c, devices=jax.devices()[:1])
+  assert run.family.unconditional and run.num_classes == 10
+  np.testing.assert_array_equal(run.family.sample_cond(jax.random.PRNGKey(0), (3, 5)), 10)
+  np.testing.assert_array_equal(image_eval.inputs(run)[1], 10)
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "assets", "classifier", "card.json")),
                     reason="the evaluation classifier asset is missing")
 @pytest.mark.long

@@ -49,6 +49,42 @@ def test_diversity_metrics():
   assert im.pixel_l2(pair, np.array([1, 1])) == pytest.approx(2.0)
 
 
+def test_class_coverage_closed_forms():
+  np.testing.assert_allclose(im.class_histogram(np.eye(4)[[0, 0, 1, 3]]), [0.5, 0.25, 0, 0.25])
+  uniform = np.full(10, 0.1)
+  c = im.class_coverage(uniform, uniform)
+  assert c == pytest.approx({"class_entropy": 1.0, "class_min_share": 0.1,
+                             "class_tv_reference": 0.0})
+  c = im.class_coverage(np.eye(10)[3], uniform)       # every sample one class
+  assert c == pytest.approx({"class_entropy": 0.0, "class_min_share": 0.0,
+                             "class_tv_reference": 0.9})
+  half = np.array([0.5, 0.5] + [0.0] * 8)             # two classes: log 2 / log 10
+  c = im.class_coverage(half, uniform)
+  assert c["class_entropy"] == pytest.approx(np.log10(2.0))
+  assert c["class_tv_reference"] == pytest.approx(0.5 * (2 * 0.4 + 8 * 0.1))
+  assert "class_tv_reference" not in im.class_coverage(half)
+
+
+def test_unconditional_report_measures_class_coverage():
+  """Samples of the null class (label 10) have no intended class: the report gives class
+  coverage instead of accuracy, and diversity over all samples."""
+  x, y = mnist.load("heldout")
+  null = np.full(len(x), 10)
+  report = im.image_report(x, null, reference=x)
+  assert "accuracy" not in report
+  truth = np.bincount(y, minlength=10) / len(y)       # the classifier reads 97%+ right
+  assert report["class_entropy"] == pytest.approx(im.class_coverage(truth)["class_entropy"],
+                                                  abs=0.01)
+  assert report["class_min_share"] > 0.05
+  assert report["class_tv_reference"] == pytest.approx(0.0)
+  # Digits of different classes lie further apart than digits of one class.
+  assert report["pixel_l2"] > im.image_report(x, y)["pixel_l2"] + 0.5
+  threes = x[y == 3]                                  # a sampler that dropped nine classes
+  dropped = im.image_report(threes, null[:len(threes)], reference=x)
+  assert dropped["class_entropy"] < 0.15 and dropped["class_min_share"] == 0.0
+  assert dropped["class_tv_reference"] > 0.85
+
+
 def test_saturation():
   x = np.array([-1.5, -1.0, -1.05, 0.0, 1.0, 1.0001, 1.11, 2.0, 0.3, -0.99])
   assert im.saturation(x) == pytest.approx(3 / 10)          # beyond [-1.1, 1.1]

@@ -7,7 +7,10 @@ in turn, so image i has class i % C and seed i // C). Both get the classifier-fe
 gets FD to the teacher's samples. The teacher's samples are cached in the workdir.
 Video teachers get ``video_metrics`` instead (per-frame class accuracy, FD of clip features to
 real held-out clips and to the teacher, diversity, optical flow, dynamic degree, warp error).
-Writes ``samples_<tag>.png`` (rows = classes, columns = seeds; videos also ``.gif``),
+An unconditional run (the null class only) gets class coverage instead of accuracy: the
+entropy and the rarest share of the classes its samples read as, and their total variation
+from the teacher's. Writes ``samples_<tag>.png`` (rows = classes, columns = seeds; videos also
+``.gif``; unconditional: rows are seeds too),
 ``teacher_samples.png`` and ``metrics_<tag>.md``.
 """
 
@@ -26,6 +29,7 @@ from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
 
 COLUMNS = ("accuracy", "fd_real", "fd_reference", "feature_cosine", "pixel_l2", "saturation")
+UNCONDITIONAL_COLUMNS = ("class_entropy", "class_min_share", "class_tv_reference") + COLUMNS[1:]
 VIDEO_COLUMNS = COLUMNS + ("mean_flow", "flow_ratio", "dynamic_degree", "dynamic_degree_fast",
                           "warp_error")
 GRID_SEEDS = 8
@@ -48,9 +52,12 @@ def _batches(fn, z, y, batch: int):
 
 
 def inputs(run):
-  """(z [N, ...], labels [N]) of the evaluation: a function of eval.seed only."""
+  """(z [N, ...], labels [N]) of the evaluation: a function of eval.seed only. Labels are the
+  classes in turn, or the null class everywhere for an unconditional run."""
   n = run.config.eval.num_samples
   labels = jnp.arange(n, dtype=jnp.int32) % run.num_classes
+  if unconditional(run):
+    labels = jnp.full((n,), run.num_classes, jnp.int32)
   z = jax.random.normal(jax.random.PRNGKey(run.config.eval.seed), (n,) + run.sample_shape)
   return z, labels
 
@@ -134,6 +141,11 @@ def video(run) -> bool:
   return len(run.sample_shape) == 4
 
 
+def unconditional(run) -> bool:
+  """The run distils the teacher's null class only (``Family.unconditional``)."""
+  return bool(getattr(getattr(run, "family", None), "unconditional", False))
+
+
 def save_samples(run, x, stem: str) -> None:
   """``stem``.png: rows = classes, columns = seeds (videos: 4 seeds, frames along a row of the
   .png strip and animated in ``stem``.gif)."""
@@ -147,7 +159,8 @@ def save_samples(run, x, stem: str) -> None:
 
 
 def metrics_markdown(out: dict, run=None) -> str:
-  columns = VIDEO_COLUMNS if run is not None and video(run) else COLUMNS
+  columns = (VIDEO_COLUMNS if run is not None and video(run) else UNCONDITIONAL_COLUMNS
+             if run is not None and unconditional(run) else COLUMNS)
   rows = {}
   sub = run.config.eval.teacher_substeps * run.plan.num_steps if run else "many"
   for who, label in (("teacher", f"teacher ({sub}-step Euler, CFG)"),

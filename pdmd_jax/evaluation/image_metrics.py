@@ -165,12 +165,37 @@ def _as_images(images) -> np.ndarray:
   return x[..., None] if x.ndim == 3 else x
 
 
+def class_histogram(logits) -> np.ndarray:
+  """[C] share of the samples the classifier assigns to each class (argmax of ``logits``)."""
+  logits = np.asarray(logits)
+  return np.bincount(np.argmax(logits, axis=-1), minlength=logits.shape[-1]) / len(logits)
+
+
+def class_coverage(hist, reference_hist=None) -> dict[str, float]:
+  """How an unconditional sample set covers the classes (the modes of the digits):
+  class_entropy = H(hist) / log C (1: every class equally often; 0: one class), class_min_share
+  = the rarest class's share (1 / C when uniform; 0: a class dropped), and, given the reference
+  set's histogram, class_tv_reference = total variation 1/2 sum |hist - reference| (0: the same
+  class frequencies)."""
+  h = np.asarray(hist, np.float64)
+  nz = h[h > 0]
+  out = {"class_entropy": float(-np.sum(nz * np.log(nz)) / np.log(len(h))),
+         "class_min_share": float(h.min())}
+  if reference_hist is not None:
+    out["class_tv_reference"] = float(0.5 * np.abs(h - np.asarray(reference_hist)).sum())
+  return out
+
+
 def image_report(images, labels, reference=None, classifier: str = ASSETS) -> dict[str, float]:
   """All image metrics of samples with their intended labels; fd_reference if reference given.
 
+  Labels outside the classifier's classes (the null class of an unconditional run) have no
+  intended class: such samples get no accuracy but class coverage (``class_coverage``; against
+  the reference's classes if given), and their diversity is measured over all of them.
+
   Args:
     images: [N, 32, 32(, 1)] generated images in [-1, 1] (clipped here; see saturation).
-    labels: [N] the classes the images were generated for.
+    labels: [N] the classes the images were generated for (all >= C: unconditional).
     reference: optional [M, 32, 32(, 1)] images of another sample set (e.g. the teacher's).
     classifier: the classifier assets directory.
   """
@@ -180,15 +205,20 @@ def image_report(images, labels, reference=None, classifier: str = ASSETS) -> di
   clf = load_classifier(classifier)
   feats = clf.features(x)
   logits = clf.logits(x)
+  unconditional = bool(np.all(labels >= logits.shape[-1]))
   report = {
-      "accuracy": float(np.mean(np.argmax(logits, axis=-1) == labels)),
       "fd_real": frechet_distance_from_stats(*feature_stats(feats), *real_stats(classifier)),
       "feature_cosine": feature_cosine(feats, labels),
       "pixel_l2": pixel_l2(x, labels),
       "saturation": saturation(raw),
   }
-  if reference is not None:
-    ref = np.clip(_as_images(reference), -1.0, 1.0)
+  if not unconditional:
+    report = {"accuracy": float(np.mean(np.argmax(logits, axis=-1) == labels)), **report}
+  ref = None if reference is None else np.clip(_as_images(reference), -1.0, 1.0)
+  if unconditional:
+    report.update(class_coverage(class_histogram(logits), None if ref is None
+                                 else class_histogram(clf.logits(ref))))
+  if ref is not None:
     report["fd_reference"] = frechet_distance(feats, clf.features(ref))
   return report
 

@@ -56,6 +56,10 @@ class Family:
   sample_cond: Callable                    # (key, shape) -> conditioning (labels or a pytree)
   evaluator: str                           # one of EVALUATORS
   num_classes: int = 0                     # class-conditional families; 0 for text
+  # A class-conditional teacher distilled on its null class only (its unconditional branch):
+  # sample_cond draws the null label ``num_classes``; the evaluation and the health monitor
+  # generate from it too and measure class coverage instead of accuracy.
+  unconditional: bool = False
   # (tokens, heads) of one sample's self-attention (0, 0: none); the assembly refuses dense
   # attention whose [heads, L, L] logits cannot fit a device.
   attention_shape: tuple[int, int] = (0, 0)

@@ -4,7 +4,9 @@ The teacher is a trained DiT read from ``teacher.path`` (its card.json + params.
 "" = the shipped assets/mnist_teacher), or, with ``teacher.arch`` set to DiTConfig fields, a
 random DiT of that architecture with every weight perturbed by N(0, teacher.perturb) (AOT
 planning, benchmarks and sharding tests: no file needed). Fakes are full copies of the teacher
-(or shared-backbone LoRA fakes), experts LoRA on it (or full copies). Every parameter carries
+(or shared-backbone LoRA fakes), experts LoRA on it (or full copies). With
+``teacher.unconditional`` the run distils the teacher's null class only (its unconditional
+branch): the digits' ten classes become modes the few-step sampler must cover. Every parameter carries
 logical axes (models/dit.py), so the mesh may use every axis (data, fsdp, tensor, context).
 """
 
@@ -15,6 +17,7 @@ import os
 from types import MappingProxyType
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pdmd_jax import assets
@@ -53,10 +56,30 @@ def validate(config, plan, *, files: bool = True):  # pylint: disable=unused-arg
     V.fail("model.scan_layers", config.model.scan_layers, "False with model.remat=False for a "
            "trained teacher (its weights are unscanned); both may be set with teacher.arch")
   common.validate_lora(config)
+  if unconditional(config):
+    if arch and not arch.get("num_classes"):
+      V.fail("teacher.unconditional", True, "False for a teacher without classes")
+    if dit_config(config)[0].video:
+      V.fail("teacher.unconditional", True, "False for a video teacher (its evaluation reads "
+             "every frame's intended class)")
+    if t.guidance_scale != 1.0:
+      V.fail("teacher.guidance_scale", t.guidance_scale, "1.0 with teacher.unconditional=True "
+             "(the null class has no conditional branch to guide towards)")
+    if config.get("gan") is not None and config.gan.enabled:
+      V.fail("gan.enabled", True, "False with teacher.unconditional=True (real digits carry "
+             "classes)")
   if config.get("gan") is not None and config.gan.enabled:
     depth = dit_config(config)[0].depth
     if config.gan.layer > depth:
       V.fail("gan.layer", config.gan.layer, f"-1 (the middle block) or a block in 0..{depth}")
+
+
+def unconditional(config) -> bool:
+  """teacher.unconditional: distil the null class only (the teacher's unconditional branch)."""
+  value = config.teacher.get("unconditional", False)
+  if not isinstance(value, bool):
+    V.fail("teacher.unconditional", value, [True, False])
+  return value
 
 
 def has_features(config) -> bool:
@@ -126,7 +149,10 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       teacher_params=params, teacher_axes=axes, apply=net.apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
-      sample_cond=lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes),
+      sample_cond=(lambda key, shape: jnp.full(shape, cfg.num_classes, jnp.int32))
+      if unconditional(config) else
+      (lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes)),
+      unconditional=unconditional(config),
       features=image_metrics.feature_map() if has_features(config) else None,
       score_features=None if cfg.scan_layers else (
           lambda p, x, t, y: net.apply_features(p, x, t, y, layer)),
