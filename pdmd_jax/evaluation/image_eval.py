@@ -163,7 +163,8 @@ def metrics_markdown(out: dict, run=None) -> str:
              if run is not None and unconditional(run) else COLUMNS)
   rows = {}
   sub = run.config.eval.teacher_substeps * run.plan.num_steps if run else "many"
-  for who, label in (("teacher", f"teacher ({sub}-step Euler, CFG)"),
+  guided = run is None or run.config.teacher.guidance_scale != 1.0
+  for who, label in (("teacher", f"teacher ({sub}-step Euler{', CFG' if guided else ''})"),
                      ("student", f"distilled ({run.plan.method}, {run.plan.num_steps} steps)"
                       if run else "distilled")):
     rows[label] = {k: out.get(f"{who}/{k}", float("nan")) for k in columns}
