@@ -137,6 +137,16 @@ def _cell(v):
   return "" if not v.size else f"{v.mean():.3f}" + (f" ± {v.std():.2g}" if v.size > 1 else "")
 
 
+def tv_floor(n: int, classes: int = 10, draws: int = 20_000, seed: int = 0):
+  """(mean, 5%, 95%) of the class TV between two independent sets of n samples from one uniform
+  class distribution (multinomial simulation): sampling noise alone, with no shared noise."""
+  rng = np.random.default_rng(seed)
+  p = np.full(classes, 1.0 / classes)
+  a, b = rng.multinomial(n, p, size=draws) / n, rng.multinomial(n, p, size=draws) / n
+  tv = 0.5 * np.abs(a - b).sum(1)
+  return float(tv.mean()), *np.quantile(tv, [0.05, 0.95])
+
+
 def _teacher_name(overrides):
   """The reference a row is measured against: the teacher with its guidance and conditioning."""
   if overrides.get("teacher.unconditional"):
@@ -187,6 +197,8 @@ def write(results, names):
   fig.savefig(os.path.join(_OUT.value, "diversity.png"), dpi=110)
   plt.close(fig)
   cols = list(dict.fromkeys(k for r in rows for k in r))
+  n_eval = next(iter(results.values()))[0].get("eval_samples", 500)
+  floor = tv_floor(n_eval)
   rows = [{"setting": f"*{name}* (many-step Euler)",
            **{label: _cell([t.get(k, np.nan)]) for k, label in FINAL if k != "fd_reference"}}
           for name, t in teachers.items()] + rows
@@ -199,12 +211,15 @@ def write(results, names):
           "from the same noise (mean ± std over seeds; 1 = the teacher's spread); cos. excess @ u: "
           "the same with the classifier's features' cosine, minus the teacher's, at the last "
           "check (> 0 = less diverse in content). Final metrics on "
-          f"{next(iter(results.values()))[0].get('eval_samples', 500)} samples against the row's "
+          f"{n_eval} samples against the row's "
           "teacher (italic rows): feat. cosine (higher = less diverse), pixel L2, FD to the "
           "teacher's samples from the same noise, class accuracy; unconditional rows (the "
           "null class only, no guidance): class entropy (of the classes the samples read as, "
           "/ log 10: 1 = uniform) and class TV teacher (total variation of the class frequencies "
-          "from the teacher's; 0 = the same). Curves: [diversity.png](diversity.png) (mean over "
+          "from the teacher's; 0 = the same; two independent sets of as many samples from one "
+          f"uniform class distribution differ by {floor[0]:.3f} on average, 90% range "
+          f"{floor[1]:.3f}-{floor[2]:.3f}: sampling noise alone, by multinomial simulation; the "
+          "student and teacher share their noise, so their floor is lower). Curves: [diversity.png](diversity.png) (mean over "
           "seeds, band = range; dashed = unconditional).\n\n"
           + gmm_metrics.markdown_table(rows, cols) + READING)
   with open(os.path.join(_OUT.value, "diversity.md"), "w") as f:
