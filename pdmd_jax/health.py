@@ -27,6 +27,7 @@ import numpy as np
 
 from pdmd_jax import paths
 from pdmd_jax import sampling
+from pdmd_jax.evaluation import image_eval
 from pdmd_jax.evaluation import image_metrics
 
 HISTORY = "health.json"
@@ -50,7 +51,7 @@ class HealthMonitor:
     self.image = len(run.sample_shape) >= 3
     self.labels = np.tile(np.arange(run.num_classes), seeds).astype(np.int32)
     family = getattr(run, "family", None)
-    self.unconditional = bool(getattr(family, "unconditional", False))
+    self.unconditional = image_eval.unconditional(run)
     if self.unconditional:       # one group: the spread over every sample of the null class
       self.labels = np.full_like(self.labels, run.num_classes)
     self.z = jax.random.normal(jax.random.PRNGKey(seed), (len(self.labels),) + run.sample_shape)

@@ -6,8 +6,9 @@ random DiT of that architecture with every weight perturbed by N(0, teacher.pert
 planning, benchmarks and sharding tests: no file needed). Fakes are full copies of the teacher
 (or shared-backbone LoRA fakes), experts LoRA on it (or full copies). With
 ``teacher.unconditional`` the run distils the teacher's null class only (its unconditional
-branch): the digits' ten classes become modes the few-step sampler must cover. Every parameter carries
-logical axes (models/dit.py), so the mesh may use every axis (data, fsdp, tensor, context).
+branch): the digits' ten classes become modes the few-step sampler must cover. Every parameter
+carries logical axes (models/dit.py), so the mesh may use every axis (data, fsdp, tensor,
+context).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   axes = models.logical_axes(cfg)
   gan = config.get("gan")
   layer = cfg.depth // 2 if gan is None or gan.layer < 0 else gan.layer
+  uncond = unconditional(config)
   return families.Family(
       name="dit", teacher=teachers.network_teacher(
           net.apply, cfg.num_classes, t.guidance_scale, t.get("cfg_norm", "none"),
@@ -149,10 +151,9 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
       teacher_params=params, teacher_axes=axes, apply=net.apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
-      sample_cond=(lambda key, shape: jnp.full(shape, cfg.num_classes, jnp.int32))
-      if unconditional(config) else
-      (lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes)),
-      unconditional=unconditional(config),
+      sample_cond=((lambda key, shape: jnp.full(shape, cfg.num_classes, jnp.int32)) if uncond
+                   else (lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes))),
+      unconditional=uncond,
       features=image_metrics.feature_map() if has_features(config) else None,
       score_features=None if cfg.scan_layers else (
           lambda p, x, t, y: net.apply_features(p, x, t, y, layer)),
