@@ -18,13 +18,15 @@ within the last phase and at the end.
 Writes ``docs/results/diversity.md`` (table + reading), ``diversity.png`` (curves, mean and
 range over seeds) and ``diversity.json`` (every run's curve and final metrics). Runs are cached
 in ``--workroot`` per teacher (card fingerprint) and resume from their last checkpoint when
-interrupted (SIGTERM saves and exits); ``--cached_only`` tabulates what finished.
+interrupted (SIGTERM saves and exits); ``--cached_only`` tabulates what finished and ``--prior``
+reuses the runs of an earlier ``diversity.json``.
 
   python experiments/diversity.py --seeds=0,1 --steps=600 --only=sgts,phased_sgts,phased
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -54,6 +56,8 @@ _VARIANT = flags.DEFINE_string("variant", "", "Extra config variant for every ru
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_diversity", "Scratch workdirs (the cache).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Tabulate the cached runs only (run nothing).")
+_PRIOR = flags.DEFINE_string("prior", "", "An earlier diversity.json of the same teacher: its runs "
+                             "(same row, seed, overrides and --steps) count as cached.")
 
 SGTS, PHASED_SGTS, PHASED = ("method=dmd2_sgts,steps=4", "method=phased_dmd_sgts,steps=4,phases=2",
                              "method=phased_dmd,steps=4")
@@ -125,12 +129,21 @@ def _root():
                       + (f"_{_VARIANT.value}" if _VARIANT.value else ""))
 
 
+@functools.cache
+def _prior_runs():
+  return json.load(open(_PRIOR.value)) if _PRIOR.value else {}
+
+
 def run_one(row_id, variant, overrides, seed):
   """One cached run: its final metrics and its health curve."""
   workdir = os.path.join(_root(), f"{row_id}_x{_STEPS.value}_e{_EVERY.value}_s{seed}")
   done = os.path.join(workdir, "result.json")
   if os.path.exists(done):
     return json.load(open(done))
+  for run in _prior_runs().get(row_id, []):
+    if (run["seed"] == seed and run["overrides"] == overrides
+        and run["curve"] and run["curve"][-1]["step"] == _STEPS.value):
+      return run
   if _CACHED.value:
     return None
   extra = f",{_VARIANT.value}" if _VARIANT.value else ""

@@ -72,6 +72,9 @@ def run_one(name, variant, overrides, steps, dataset, seed):
     shutil.copy(fit, os.path.join(workdir, "teacher_fit.msgpack"))
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  if "stopped_at_step" in out:       # preempted (SIGTERM) or stopped early: not a result
+    sys.exit(f"{name} seed {seed}: stopped at step {out['stopped_at_step']} "
+             f"({out.get('preempted') or out.get('stopped_early')}); rerun to start it again")
   out["wall_s"] = time.time() - t0
   if not os.path.exists(fit):
     shutil.copy(os.path.join(workdir, "teacher_fit.msgpack"), fit)
@@ -135,7 +138,11 @@ def write_table(dataset, results):
   n = len(first)
   m = first[0]["student/num_modes"]
   header = (f"# Gaussian mixture: {dataset} ({m:.0f} modes), {n} seed(s), "
-            f"{_STEPS.value} generator updates (TTUR 5, batch 256)\n\n"
+            f"{_STEPS.value} generator updates (TTUR 5, batch 256, generator lr "
+            f"{_load_config('method=phased_dmd').generator.lr:g}, fake lr "
+            f"{_load_config('method=phased_dmd').fake.lr:g})\n\n"
+            f"Command: `python experiments/gmm_compare.py --datasets={dataset} "
+            f"--seeds={','.join(_SEEDS.value)} --steps={_STEPS.value}`. "
             "mean ± std over seeds. std ratio: intra-mode std of samples / true std (1 is exact). "
             "Boundary ratio: mean distance of x_{t_k} to the nearest scaled mode (1 - t_k) mu_i, "
             "distilled / teacher's many-step Euler, per internal boundary (1 is exact). "
