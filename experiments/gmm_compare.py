@@ -5,7 +5,9 @@ optimizer and teacher fit; Phased DMD splits its budget evenly over its phases. 
 ``docs/results/gmm_<dataset>.md`` (mean ± std over seeds), ``gmm_<dataset>.json`` (every run)
 and the seed-0 scatter plots.
 
-  python experiments/gmm_compare.py --datasets=ring,random --seeds=0,1,2 --steps=2000
+  python experiments/gmm_compare.py --datasets=ring --seeds=0,1,2 --steps=2000
+  python experiments/gmm_compare.py --datasets=random --seeds=0,1,2 --steps=2000 --long=0 \
+      --only=dmd,sgts,phased,phased_sgts,naive
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
 _DATASETS = flags.DEFINE_list("datasets", ["ring", "random"], "ring (8 modes, 2-D) and/or random (12 modes, 16-D).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (network init, teacher fit, noise).")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Generator updates per run (all methods).")
-_SGTS_LONG = flags.DEFINE_integer("sgts_long", 4, "Extra dmd2_sgts run at this multiple of the budget (0: none).")
+_LONG = flags.DEFINE_integer("long", 4, "Extra dmd2_sgts and phased_dmd runs at this multiple of "
+                             "the budget (0: none): does longer training keep or lose modes?")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_gmm_compare", "Scratch workdirs.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these row ids (dmd, multistep, sgts, phased, "
-                          "phased_sgts, naive, no_margin, sgts_long).")
+                          "phased_sgts, naive, no_margin, sgts_long, phased_long).")
 
 # (row id, row name, config variant, leaf overrides, budget multiple)
 ROWS = [
@@ -88,9 +91,9 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   os.makedirs(_OUT.value, exist_ok=True)
   rows = list(ROWS)
-  if _SGTS_LONG.value:
-    rows.append(("sgts_long", f"dmd2_sgts (4 steps), {_SGTS_LONG.value}x budget",
-                 "method=dmd2_sgts,steps=4", {}, _SGTS_LONG.value))
+  if _LONG.value:
+    rows += [(f"{r}_long", f"{name}, {_LONG.value}x budget", variant, overrides, _LONG.value)
+             for r, name, variant, overrides, _ in ROWS if r in ("sgts", "phased")]
   if _ONLY.value:
     rows = [r for r in rows if r[0] in _ONLY.value]
   for dataset in _DATASETS.value:
@@ -142,7 +145,9 @@ def write_table(dataset, results):
             f"{_load_config('method=phased_dmd').generator.lr:g}, fake lr "
             f"{_load_config('method=phased_dmd').fake.lr:g})\n\n"
             f"Command: `python experiments/gmm_compare.py --datasets={dataset} "
-            f"--seeds={','.join(_SEEDS.value)} --steps={_STEPS.value}`. "
+            f"--seeds={','.join(_SEEDS.value)} --steps={_STEPS.value} "
+            f"--long={_LONG.value}"
+            + (f" --only={','.join(_ONLY.value)}" if _ONLY.value else "") + "`. "
             "mean ± std over seeds. std ratio: intra-mode std of samples / true std (1 is exact). "
             "Boundary ratio: mean distance of x_{t_k} to the nearest scaled mode (1 - t_k) mu_i, "
             "distilled / teacher's many-step Euler, per internal boundary (1 is exact). "

@@ -23,6 +23,7 @@ def test_anchor_lets_one_step_dmd_cover_the_ring(gmm_config, tmp_path):
   for weight in (0.0, 0.5):
     config = gmm_config("method=dmd")
     config.anchor.weight = weight
+    config.generator.lr = 1e-4             # the step size this 400-update budget was sized for
     config.train.num_steps = 400
     config.init_fit.steps = 1000
     config.eval.num_samples = 2000
