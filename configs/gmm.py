@@ -45,9 +45,9 @@ def get_config(arg=None):
   c.init_fit.lr = 2e-3                     # Adam, cosine decay
   c.init_fit.p_uncond = 0.1                # fraction of null labels (the fit also learns v(x, t, null))
 
-  # Generator lr 3.3e-5 (fake 1e-4): at 1e-4 Adam's steps keep the experts jittering around
-  # their optimum and the modes' core narrows (std ratio 0.79 on the ring, 0.97 in 16-D; more
-  # fake updates do not help); at 3.3e-5 both are within 4% of exact (docs/results/mode_spread.md).
+  # Generator lr 3.3e-5 (fake 1e-4). The modes' core narrows as the generator trains, faster at a
+  # higher lr: at 1e-4 the std ratio is 0.79 on the ring after 2,000 updates; at 3.3e-5 it is
+  # 1.03 (1.00 in 16-D), and 0.84 after 8,000 (docs/results/gmm_ring.md, mode_spread.md).
   c.generator = blocks.generator(3.3e-5, weighting="exact")
   c.fake = blocks.fake(1e-4)
   # Lower margin of the re-noise t; a phase's range is (max(t_k, t_min), t_max]. 0.05 (DMD uses
