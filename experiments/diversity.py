@@ -86,41 +86,41 @@ CURVE = ("step", "phase", "diversity_vs_teacher", "feature_cosine", "feature_cos
          "saturation", "class_entropy", "class_tv_reference")
 # What the tables say (rewritten with the tables; keep it true to them).
 READING = """
-## Reading (2026-12-02; seeds 0 and 1; gmm_ring.md and mode_spread.md for the exact teachers)
+## Reading (2026-12-02; LoRA and unconditional rows: seeds 0-1; full-copy rows: seeds 0-2; CFG 6: seeds 0-1)
 
-- **No LoRA row loses diversity over training.** Class-conditional (the paper's Table 3 setting: many
-  samples of one prompt, here one digit class), DMD2/SGTS's same-class pixel spread stays at
-  1.08-1.21x the teacher's at every check of both seeds (1.17, 1.14 at the end) and its feature
-  cosine stays below the teacher's (0.929, 0.935 against 0.948: more diverse by the classifier's
-  features too). The Phased DMD rows run at 0.86-0.92x while their later experts are untrained
-  (the teacher's one-step jump) and end at 1.07-1.12x. Nothing falls as training goes on: the
-  curves show no SGTS decline over 600 updates (twice the README's budget).
-- **SGTS's extra spread is error, not coverage.** Its FD to the teacher's samples from the same
-  noise is 3-4x Phased DMD's (24.9, 20.3 against 6.7, 6.0 for 2-phase and 6.4, 6.5 for 4-phase),
-  with pixel L2 above the teacher's (15.2, 15.1 against 14.6).
-- **Where SGTS's mechanism shows is which modes get the mass.** Distilled unconditionally (the
-  null class, no guidance: the ten classes become modes to cover), SGTS's class frequencies are
-  furthest from the teacher's: total variation 0.160, 0.138 against 0.106, 0.102 (2-phase) and
-  0.090, 0.068 (4-phase). Two independent 500-sample sets from one distribution differ by 0.075
-  (90% range up to 0.108): Phased DMD sits at that floor, SGTS above it on both seeds. FD to the
-  teacher: 34, 33 against 14, 15 and 10, 6.8. Class entropy does not order the rows (SGTS
-  0.89, 0.95; teacher 0.91): at 500 samples SGTS mis-weights classes, it drops none.
-- **On the exact teachers the mis-weighting becomes mode dropping.** On the ring DMD2/SGTS covers
-  7.3 +- 0.9 of 8 modes (worst weight error 0.091 against Phased DMD's 0.020; 6.7 +- 0.9 at 4x the
-  budget), and `phased_dmd_sgts` (SGTS inside 2 phases) keeps all 8 but narrows every mode to 0.58
-  of the exact width; in 16-D it drops 2 of 12 modes on one seed of 3. Phased DMD (4 phases)
-  covers every mode on every seed (8/8, 12/12).
-- **The claim at these scales.** SGTS's loss of diversity is a loss of mode coverage and mode
-  balance: it shows where the few-step map must share mass among separated modes (the ring, the
-  16-D mixture, unconditional digits). Within one class of digits, our analogue of one prompt, no
-  method collapses, so the paper's same-prompt gap (its Table 3) does not appear here. Our
-  hypothesis, which these tables cannot test: inside one prompt of a large teacher there are
-  separated modes (layouts, poses) that SGTS mis-weights as it does the digit classes.
-- **A hint to follow: full-copy experts.** The one full-copy run (DMD2/SGTS, seed 0) is the only
-  run that ends less diverse than the teacher: pixel L2 12.75 against 14.57, feature cosine 0.951
-  against 0.948, with FD to the teacher 52 (LoRA: 25). Its curve dips to 0.90 near the end. Its
-  Phased DMD counterpart and more seeds are not run yet, nor are the teacher CFG 6 rows (about
-  10 min per run on 2 cores).
+- **With full-copy experts the paper's gap appears, paired on every seed.** DMD2/SGTS with a
+  full-copy generator against Phased DMD 2-phase with full-copy experts (seeds 0, 1, 2): feature
+  cosine +0.007, +0.012, +0.007 (SGTS less diverse in content, every seed; the teacher 0.948:
+  SGTS 0.951, 0.960, 0.946, Phased 0.944, 0.948, 0.939) and pixel L2 -1.9, -1.4, -0.6 (SGTS
+  13.1 +- 0.9 against Phased 14.4 +- 0.6 and the teacher's 14.6). Both lose content diversity
+  as training goes on (feature cosine minus the teacher's: SGTS -0.012 +- 0.003 at update 100,
+  +0.002 +- 0.005 at 600; Phased -0.019 +- 0.009 to -0.007 +- 0.004); SGTS crosses the
+  teacher's level on 2 of 3 seeds, Phased on none. The full-copy SGTS generator also drifts
+  from the teacher (FD to the teacher's samples 63 +- 21 against Phased's 15 +- 4).
+- **With LoRA experts (the README's default) no row loses diversity over 600 updates.**
+  DMD2/SGTS's same-class pixel spread stays at 1.08-1.21x the teacher's at every check (1.17,
+  1.14 at the end), its feature cosine below the teacher's (0.929, 0.935). The rank-limited
+  update keeps the generator near the teacher; SGTS's extra spread is error, not coverage (FD
+  to the teacher 24.9, 20.3 against 6.7, 6.0 for Phased 2-phase and 6.4, 6.5 for 4-phase).
+- **Teacher CFG 6 moves both rows the same way.** The CFG 6 teacher is itself less diverse
+  (feature cosine 0.970 against 0.948 at CFG 3). SGTS ends at 0.965, 0.968 and Phased 2-phase
+  at 0.962, 0.964 (+0.003, +0.004 paired, 2 seeds): in the paper's direction, smaller than the
+  full-copy gap. Both curves rise toward the teacher's cosine over training (SGTS -0.015 to
+  -0.002, Phased -0.014 to -0.008).
+- **Unconditional digits: SGTS mis-weights the modes.** Distilled on the null class (no
+  guidance: the ten classes become modes to cover), SGTS's class frequencies are furthest from
+  the teacher's: total variation 0.160, 0.138 against 0.106, 0.102 (2-phase) and 0.090, 0.068
+  (4-phase). Two independent 500-sample sets differ by 0.075 (90% range up to 0.108): Phased
+  DMD sits at that floor, SGTS above it on both seeds. At 500 samples SGTS drops no class.
+- **On the exact teachers (gmm_ring.md, gmm_random.md, 3 seeds) SGTS loses modes as training
+  goes on.** At the default budget DMD2/SGTS covers 8/8 ring modes but narrows them (std ratio
+  0.64 against Phased DMD's 1.03); at 4x the budget it drops a mode on 2 seeds of 3 (worst
+  weight error 0.090) while Phased DMD keeps 8/8 (0.016), though its modes narrow too (0.84).
+  In 16-D SGTS drops a mode on one seed of 3 at the default budget.
+- **The claim at these scales.** The paper's diversity gap shows where the generator is free to
+  move far from the teacher: full-copy experts (every seed), longer training on the exact
+  mixtures (mode dropping), separated modes to share (unconditional digits). A rank-limited
+  LoRA generator at 600 updates does not show it.
 """
 
 
