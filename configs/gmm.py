@@ -48,7 +48,8 @@ def get_config(arg=None):
   # Generator lr 3.3e-5 (fake 1e-4). The modes' core narrows as the generator trains, faster at a
   # higher lr: at 1e-4 the std ratio is 0.79 on the ring after 2,000 updates; at 3.3e-5 it is
   # 1.03 (1.00 in 16-D), and 0.84 after 8,000 (docs/results/gmm_ring.md, mode_spread.md).
-  c.generator = blocks.generator(3.3e-5, weighting="exact")
+  # runlocal (8 updates, tests) keeps 1e-4 so that its few updates move the experts measurably.
+  c.generator = blocks.generator(1e-4 if a.runlocal else 3.3e-5, weighting="exact")
   c.fake = blocks.fake(1e-4)
   # Lower margin of the re-noise t; a phase's range is (max(t_k, t_min), t_max]. 0.05 (DMD uses
   # 0.02) caps the last phase's weight w_t = (1-t)^2/t at ~18: without it, rare t near 0 turn
