@@ -140,10 +140,10 @@ def write_table(dataset, results):
           "boundary dist. ratio vs teacher", "ms / step", "temp MB", "peak MB"]
   n = len(first)
   m = first[0]["student/num_modes"]
+  default = _load_config("method=phased_dmd")
   header = (f"# Gaussian mixture: {dataset} ({m:.0f} modes), {n} seed(s), "
             f"{_STEPS.value} generator updates (TTUR 5, batch 256, generator lr "
-            f"{_load_config('method=phased_dmd').generator.lr:g}, fake lr "
-            f"{_load_config('method=phased_dmd').fake.lr:g})\n\n"
+            f"{default.generator.lr:g}, fake lr {default.fake.lr:g})\n\n"
             f"Command: `python experiments/gmm_compare.py --datasets={dataset} "
             f"--seeds={','.join(_SEEDS.value)} --steps={_STEPS.value} "
             f"--long={_LONG.value}"

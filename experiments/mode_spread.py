@@ -33,6 +33,7 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from configs import gmm as gmm_config  # noqa: E402  (configs/gmm.py)
 from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import rollout  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
@@ -82,8 +83,8 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 def _config(spec, overrides, seed):
   config = configs.load(f"{spec},seed={seed}" if ":" in spec else f"{spec}:seed={seed}")
   config.train.ckpt_every = config.train.num_steps
-  if config.teacher.type == "gmm":   # the lr these tables were measured at (the default to 12-01)
-    config.generator.lr = 1e-4
+  if config.teacher.type == "gmm":   # the lr these tables were measured at
+    config.generator.lr = gmm_config.EARLIER_GENERATOR_LR
   for k, v in overrides.items():
     configs.set_leaf(config, k, v)
   return config

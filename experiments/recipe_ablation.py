@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pdmd_jax import assets  # noqa: E402
+from configs import gmm as gmm_config  # noqa: E402  (configs/gmm.py)
 from pdmd_jax import configs  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
@@ -168,8 +169,8 @@ def run_one(suite, row_id, spec, overrides, seed, steps=None):
   if steps:
     config.train.num_steps = steps
   config.train.ckpt_every = config.train.num_steps
-  if config.teacher.type == "gmm":   # the lr these tables were measured at (the default to 12-01)
-    config.generator.lr = 1e-4
+  if config.teacher.type == "gmm":   # the lr these tables were measured at
+    config.generator.lr = gmm_config.EARLIER_GENERATOR_LR
   for k, v in overrides.items():
     configs.set_leaf(config, k, v)
   workdir = os.path.join(_suite_dir(suite), f"{row_id}_s{seed}")

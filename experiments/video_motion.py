@@ -11,8 +11,16 @@ and 6: optical flow, dynamic degree, FD to the teacher, diversity; mean ± std o
 
   python experiments/video_motion.py            # 3 seeds x 3 methods, ~8 min per run
 
-Then, for the first seed, ``--by_phase`` attributes each run's motion loss to the high- and
-low-noise halves of its sampler (``motion_by_phase``).
+Then ``--by_phase`` attributes each row's motion loss to the high- and low-noise halves of its
+sampler (``motion_by_phase``), on the first seed whose run is in ``--workroot``.
+
+Runs are cached in ``--workroot`` per teacher (card fingerprint); ``--prior`` reuses the runs of
+earlier ``video.json`` files (same row, seed, updates, batch, eval clips and teacher), so seeds run
+on other machines or in parallel sweeps join one table:
+
+  python experiments/video_motion.py --seeds=1 --steps=240 --batch=8 --workroot=/tmp/a --out=/tmp/a
+  python experiments/video_motion.py --seeds=0,1,2 --steps=240 --batch=8 --cached_only \
+      --prior=docs/results/video_long/video.json,/tmp/a/video.json --out=docs/results/video_long
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ _BY_PHASE = flags.DEFINE_bool("by_phase", True, "Attribute the first seed's moti
                                "high- and low-noise halves of the sampler (motion_by_phase).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Only tabulate runs already in --workroot "
                             "(e.g. after an interrupted sweep); missing runs are skipped.")
+_SET = flags.DEFINE_list("set", [], "Config overrides of every row, e.g. generator.lr=1e-4 (each "
+                         "value takes the type of the field it replaces); part of a run's key.")
+_PRIOR = flags.DEFINE_list("prior", [], "video.json files of earlier sweeps: their runs (same row, "
+                           "seed, --steps, --batch, --eval_samples and teacher) count as cached.")
 
 # (row id, row name, config variant)
 ROWS = [
@@ -89,13 +101,55 @@ def _run_config(row_id, variant, steps, seed):
   config.train.batch_size = _BATCH.value
   config.eval.num_samples = _EVAL.value
   config.health.seeds = 2          # in-loop monitoring only (not in the table): 20 clips per check
-  return config, os.path.join(_root(), f"{row_id}_x{steps}_b{_BATCH.value}_s{seed}")
+  for key, value in _overrides().items():
+    configs.set_leaf(config, key, value)
+  tag = "".join(f"_{k}={v}" for k, v in sorted(_overrides().items()))
+  return config, os.path.join(_root(), f"{row_id}_x{steps}_b{_BATCH.value}{tag}_s{seed}")
 
 
-def run_one(row_id, variant, steps, seed):
+@functools.cache
+def _overrides():
+  """--set as {dotted key: value}, each value cast to the type of the field it replaces."""
+  base, out = _load_config(ROWS[0][2]), {}
+  for item in _SET.value:
+    key, sep, value = item.partition("=")
+    try:
+      old = functools.reduce(lambda node, k: node[k], key.split("."), base)
+    except (KeyError, AttributeError):
+      raise app.UsageError(f"--set {item!r}: no config field {key!r}") from None
+    if not sep or isinstance(old, (dict, type(base))):
+      raise app.UsageError(f"--set {item!r}: expected field=value for a leaf field")
+    out[key] = value in ("1", "true", "True") if isinstance(old, bool) else type(old)(value)
+  return out
+
+
+def _run_key(seed, steps):
+  """What makes two runs of a row the same run (stored in each run's record as "run")."""
+  key = {"seed": seed, "steps": steps, "batch": _BATCH.value, "eval_samples": _EVAL.value,
+         "teacher": assets.fingerprint(_teacher_dir())}
+  return {**key, "set": _overrides()} if _overrides() else key
+
+
+@functools.cache
+def _prior_runs():
+  runs = {}
+  for path in _PRIOR.value:
+    for name, records in json.load(open(path)).items():
+      runs.setdefault(name, []).extend(records)
+  return runs
+
+
+def run_one(row_id, name, variant, steps, seed):
+  """(record, workdir) of one run: from --workroot, else from --prior (workdir None), else trained
+  (record None if --cached_only)."""
   config, workdir = _run_config(row_id, variant, steps, seed)
+  key = _run_key(seed, steps)
   if os.path.exists(os.path.join(workdir, "metrics.json")):
-    return _backfill(json.load(open(os.path.join(workdir, "metrics.json"))), workdir), workdir
+    out = _backfill(json.load(open(os.path.join(workdir, "metrics.json"))), workdir)
+    return {**out, "run": key}, workdir
+  for out in _prior_runs().get(name, []):
+    if out.get("run") == key:
+      return out, None
   if _CACHED.value:
     return None, workdir
   shutil.rmtree(workdir, ignore_errors=True)
@@ -106,13 +160,16 @@ def run_one(row_id, variant, steps, seed):
       shutil.copy(os.path.join(ref, f), workdir)
   t0 = time.time()
   out = trainer.train_and_evaluate(config, workdir, evaluate_phases=False, verbose=False)
+  if "stopped_at_step" in out:       # preempted (SIGTERM) or stopped early: not a result
+    sys.exit(f"{row_id} seed {seed}: stopped at step {out['stopped_at_step']} "
+             f"({out.get('preempted') or out.get('stopped_early')}); rerun")
   out["wall_s"] = time.time() - t0
   os.makedirs(ref, exist_ok=True)
   for f in os.listdir(workdir):
     if f.startswith("teacher_samples"):
       shutil.copy(os.path.join(workdir, f), ref)
   json.dump(out, open(os.path.join(workdir, "metrics.json"), "w"), indent=1, default=float)
-  return out, workdir
+  return {**out, "run": key}, workdir
 
 
 # The METRICS computed from clips alone: back-filled into older runs, reported for real clips.
@@ -147,51 +204,61 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   os.makedirs(_OUT.value, exist_ok=True)
   rows = [r for r in ROWS if not _ONLY.value or r[0] in _ONLY.value]
-  results, strips = {}, {}
+  results, workdirs = {}, {}
   for seed in map(int, _SEEDS.value):     # seed-major: every row has a run before any has two
     for row_id, name, variant in rows:
-      out, workdir = run_one(row_id, variant, _STEPS.value, seed)
+      out, workdir = run_one(row_id, name, variant, _STEPS.value, seed)
       if out is None:
         continue
       results.setdefault(name, []).append(out)
+      if workdir:
+        workdirs.setdefault(name, (seed, workdir))     # the first seed run here
       print(f"{name} seed {seed}: flow {out['student/mean_flow']:.3f} (teacher "
             f"{out['teacher/mean_flow']:.3f}) dynamic {out['student/dynamic_degree']:.3f} "
-            f"acc {out['student/accuracy']:.3f} ({out.get('wall_s', 0):.0f}s)", flush=True)
-      if seed == int(_SEEDS.value[0]):
-        strips[name] = np.load(os.path.join(workdir, "samples_final.npy"))[:10]
-        strips.setdefault("teacher", _teacher_clips(workdir))
+            f"acc {out['student/accuracy']:.3f}" + (f" ({out['wall_s']:.0f}s)" if workdir else
+                                                    " (--prior)"), flush=True)
       write_table(results)
+  if not results:
+    sys.exit("no finished runs to tabulate (--cached_only, --workroot, --prior)")
   extra = ""
-  if strips:
+  seeds = {s for s, _ in workdirs.values()}
+  if len(seeds) == 1:        # side by side only on one seed's noise (the teacher row is shared)
+    (seed,) = seeds
+    strips = {"teacher": _teacher_clips(next(iter(workdirs.values()))[1])}
+    strips.update({n: np.load(os.path.join(w, "samples_final.npy"))[:10]
+                   for n, (_, w) in workdirs.items()})
     order = ["teacher"] + [n for _, n, _ in ROWS if n in strips]
     motion_metrics.save_video_strip(np.concatenate([strips[n] for n in order]).astype(np.float32),
                                     os.path.join(_OUT.value, "video_strips"), ncols=10, scale=3,
                                     mp4=False)
-    extra += ("\nSame noise and labels side by side (seed 0): [video_strips.gif](video_strips.gif) "
+    extra += (f"\nSame noise and labels side by side (seed {seed}): [video_strips.gif](video_strips.gif) "
               "(rows: " + ", ".join(order) + "; columns: classes 0-9); "
               "[video_strips.png](video_strips.png) has each clip's frames along a row.\n")
   if _BY_PHASE.value and results:
-    seed = int(_SEEDS.value[0])
-    table = [{"method": name, **_by_phase_row(
-        motion_by_phase(row_id, variant, _STEPS.value, seed))}
-             for row_id, name, variant in rows if name in results]
-    extra += (f"\n## Where the motion goes (seed {seed})\n\nflow / teacher of the same clips "
+    for row_id, name, variant in rows:   # each row's first seed run here, unless a record has it
+      if name in workdirs and not any("by_phase" in r for r in results[name]):
+        seed = workdirs[name][0]
+        by_phase = motion_by_phase(row_id, variant, _STEPS.value, seed)
+        next(r for r in results[name] if r["run"]["seed"] == seed)["by_phase"] = by_phase
+    table = [{"method": name, "seeds": ", ".join(str(r["run"]["seed"]) for r in runs
+                                                 if "by_phase" in r),
+              **{label: [r["by_phase"][k] for r in runs if "by_phase" in r]
+                 for k, label in _BY_PHASE_COLS.items()}}
+             for name, runs in results.items() if any("by_phase" in r for r in runs)]
+    extra += ("\n## Where the motion goes\n\nflow / teacher of the same clips "
               "when the run's experts take only part of the 4-step grid and the teacher's fine "
               "Euler the rest (`sampling.mixed_sample`): high-noise half = the experts from t = 1 to "
               "0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the teacher to "
               "t = 0.75, then the experts. fast quarter: the same ratio on the clips where the "
               "teacher moves fastest (top 25% of its flow).\n\n"
-              + gmm_metrics.markdown_table(table, ["method"] + list(_BY_PHASE_COLS.values())))
+              + gmm_metrics.markdown_table(table, ["method", "seeds"]
+                                           + list(_BY_PHASE_COLS.values())))
   write_table(results, extra)
 
 
 _BY_PHASE_COLS = {"all": "all 4 steps distilled", "high": "high-noise half only",
                   "low": "low-noise half only", "all_fast": "all 4, fast quarter",
                   "high_fast": "high half, fast quarter", "low_fast": "low half, fast quarter"}
-
-
-def _by_phase_row(d):
-  return {label: d[k] for k, label in _BY_PHASE_COLS.items()}
 
 
 def motion_by_phase(row_id, variant, steps, seed):
@@ -247,10 +314,14 @@ def write_table(results, extra=""):
     row["ms / step"] = [r["time_per_step_ms"] for r in runs]
     rows.append(row)
   cols = ["method", "steps", "seeds"] + [label for _, label in METRICS] + ["ms / step"]
+  c, _ = _run_config(*ROWS[0][::2], _STEPS.value, 0)
   header = (f"# Moving digits (video DiT teacher): motion after distillation, {_STEPS.value} "
-            f"generator updates per run (TTUR 5, batch {_BATCH.value}, LoRA rank 16, CFG 3)\n\n"
+            f"generator updates per run (TTUR {c.fake.ttur}, batch {_BATCH.value}, LoRA rank "
+            f"{c.generator.lora_rank}, generator lr {c.generator.lr:g}, fake lr {c.fake.lr:g}, "
+            f"CFG {c.teacher.guidance_scale:g})\n\n"
             "Command: `python experiments/video_motion.py --seeds=" + ",".join(_SEEDS.value) +
             f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}"
+            + (f" --set={','.join(_SET.value)}" if _SET.value else "")
             + ("" if _OUT.value == _OUT.default else
                f" --out={os.path.relpath(_OUT.value, ROOT)}") + "`"
             + (" (tabulated from cached runs with --cached_only: the seeds column counts the "
