@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 
 import numpy as np
 from etils import epath
@@ -45,10 +46,13 @@ def exists(p) -> bool:
 
 
 def makedirs(p) -> None:
-  """Creates the directory ``p`` (and parents); an unwritable one is a WorkdirError naming it."""
+  """Creates the directory ``p`` (and parents); an unwritable one is a WorkdirError naming it.
+
+  The write probe has a name of its own per call: the processes of a multi-process run create
+  their shared workdir at the same time, and a shared name let one delete another's probe."""
   try:
     path(p).mkdir(parents=True, exist_ok=True)
-    probe = path(p) / ".pdmd_write_probe"
+    probe = path(p) / f".pdmd_write_probe_{uuid.uuid4().hex}"
     probe.write_bytes(b"")
     probe.unlink()
   except OSError as e:

@@ -6,6 +6,7 @@ the TensorBoard events and the sampler's .npz all land in it. (Orbax checkpoints
 through tensorstore's own GCS driver, which has no in-memory stand-in here.)
 """
 
+import concurrent.futures
 import importlib
 import os
 import subprocess
@@ -74,3 +75,17 @@ def test_unwritable_workdir_is_one_line_naming_it(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
   assert f"Workdir error: workdir {w!r} cannot be written" in r.stderr
+
+
+def test_processes_creating_one_workdir_at_once_do_not_trip_each_other(tmp_path):
+  """The processes of a multi-process run create their shared workdir together; with one probe
+  file name, one process deleted another's probe and the run stopped with 'cannot be written'."""
+  w = str(tmp_path / "shared")
+
+  def create_many(_):
+    for _ in range(300):
+      paths.makedirs(w)
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(create_many, range(4)))
+  assert os.listdir(w) == []                       # no probe left behind
