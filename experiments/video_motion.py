@@ -146,6 +146,9 @@ def run_one(row_id, name, variant, steps, seed):
   key = _run_key(seed, steps)
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     out = _backfill(json.load(open(os.path.join(workdir, "metrics.json"))), workdir)
+    by_phase = os.path.join(workdir, "by_phase.json")      # motion_by_phase's cache, if it ran
+    if os.path.exists(by_phase):
+      out["by_phase"] = json.load(open(by_phase))
     return {**out, "run": key}, workdir
   for out in _prior_runs().get(name, []):
     if out.get("run") == key:
