@@ -22,7 +22,10 @@ import ml_collections
 
 from pdmd_jax import configs as blocks
 
-LORA_TARGETS = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"   # attention + MLP projections
+# Attention + MLP projections. On a divided video DiT this leaves the temporal branch (qkv_t,
+# proj_t) and any all-frames branch (qkv_j, proj_j) frozen at the teacher's: adapting qkv_t /
+# proj_t too cost motion in a one-seed probe (docs/results/video.md, Reading).
+LORA_TARGETS = r"blocks\.(\d+\.)?(qkv|proj|fc1|fc2)\.kernel"
 
 
 def get_config(arg=None):

@@ -26,8 +26,10 @@ on other machines or in parallel sweeps join one table:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -103,8 +105,16 @@ def _run_config(row_id, variant, steps, seed):
   config.health.seeds = 2          # in-loop monitoring only (not in the table): 20 clips per check
   for key, value in _overrides().items():
     configs.set_leaf(config, key, value)
-  tag = "".join(f"_{k}={v}" for k, v in sorted(_overrides().items()))
+  tag = "".join(f"_{k}={_path_safe(v)}" for k, v in sorted(_overrides().items()))
   return config, os.path.join(_root(), f"{row_id}_x{steps}_b{_BATCH.value}{tag}_s{seed}")
+
+
+def _path_safe(value) -> str:
+  """A value as a file-name part: itself if it is one, else a short hash (e.g. a regex)."""
+  text = str(value)
+  if re.fullmatch(r"[\w.+-]+", text):
+    return text
+  return "h" + hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 @functools.cache
@@ -123,10 +133,16 @@ def _overrides():
   return out
 
 
-def _run_key(seed, steps):
-  """What makes two runs of a row the same run (stored in each run's record as "run")."""
+def _run_key(row_id, variant, steps, seed):
+  """What makes two runs of a row the same run (stored in each run's record as "run"): the
+  budget, the teacher's card and a hash of the whole run config (so a changed default, e.g. the
+  LoRA targets, is a different run; ``--prior`` records written before the hash match on the
+  other fields)."""
   key = {"seed": seed, "steps": steps, "batch": _BATCH.value, "eval_samples": _EVAL.value,
          "teacher": assets.fingerprint(_teacher_dir())}
+  config = _run_config(row_id, variant, steps, seed)[0]
+  config.teacher.path = ""                         # machine-dependent; the fingerprint is above
+  key["config"] = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
   return {**key, "set": _overrides()} if _overrides() else key
 
 
@@ -143,7 +159,7 @@ def run_one(row_id, name, variant, steps, seed):
   """(record, workdir) of one run: from --workroot, else from --prior (workdir None), else trained
   (record None if --cached_only)."""
   config, workdir = _run_config(row_id, variant, steps, seed)
-  key = _run_key(seed, steps)
+  key = _run_key(row_id, variant, steps, seed)
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     out = _backfill(json.load(open(os.path.join(workdir, "metrics.json"))), workdir)
     by_phase = os.path.join(workdir, "by_phase.json")      # motion_by_phase's cache, if it ran
@@ -151,8 +167,10 @@ def run_one(row_id, name, variant, steps, seed):
       out["by_phase"] = json.load(open(by_phase))
     return {**out, "run": key}, workdir
   for out in _prior_runs().get(name, []):
-    if out.get("run") == key:
-      return out, None
+    run = out.get("run") or {}
+    if run == key or ("config" not in run and run == {k: v for k, v in key.items()
+                                                       if k != "config"}):
+      return out, None       # (records written before the config hash match without it)
   if _CACHED.value:
     return None, workdir
   shutil.rmtree(workdir, ignore_errors=True)

@@ -159,17 +159,25 @@ def make_iterator(config, cfg: dit_lib.DiTConfig):
 
 
 def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
-  """A video DiT's parameters initialised from the image DiT teacher in ``directory``."""
+  """A video DiT's parameters initialised from the DiT teacher in ``directory``: an image DiT
+  is inflated (``dit.inflate``); a video DiT of the same shapes is extended with this config's
+  new space-time branches (``dit.extend``: fine-tuning a shipped video teacher)."""
   icfg, _, iparams, _ = load_teacher(directory)
-  if not cfg.video or icfg.video:
-    raise ValueError(f"train.init_from={directory!r}: inflation goes from an image DiT "
-                     f"(frames=1, got {icfg.frames}) to a video DiT (frames>1, got {cfg.frames})")
+  if not cfg.video:
+    raise ValueError(f"train.init_from={directory!r}: initialising from a teacher needs a video "
+                     f"DiT (frames>1, got {cfg.frames})")
   same = ("image_size", "channels", "patch", "hidden", "depth", "heads", "mlp_ratio",
           "num_classes", "time_dim")
+  if icfg.video:
+    same += ("frames", "temporal_patch", "layout")
   bad = [f"{k}: {getattr(icfg, k)} vs {getattr(cfg, k)}" for k in same
          if getattr(icfg, k) != getattr(cfg, k)]
+  if icfg.video and icfg.joint_blocks > cfg.joint_blocks:
+    bad.append(f"joint_blocks: {icfg.joint_blocks} vs {cfg.joint_blocks}")
   if bad:
     raise ValueError(f"train.init_from={directory!r} does not match model ({', '.join(bad)})")
+  if icfg.video:
+    return dit_lib.extend(iparams, cfg, params)
   return dit_lib.inflate(iparams, cfg, params)
 
 

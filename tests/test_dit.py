@@ -220,3 +220,69 @@ def test_divided_layout_inflates_to_the_image_dit_on_any_clip():
   assert float(jnp.abs(dep(_perturbed(vp, seed=4))).max()) > 1e-4
   with pytest.raises(ValueError, match="model.layout='spatial' is unknown"):
     models.build_dit(dataclasses.replace(icfg, frames=4, layout="spatial"))
+
+
+def _token_dependence(apply, params, h, c, token):
+  """|d out[token] / d h[j]| summed over features, per input token j ([tokens])."""
+  g = jax.grad(lambda h: jnp.sum(apply(params, h, c)[0, token] ** 2))(h)
+  return np.asarray(jnp.abs(g[0]).sum(-1))
+
+
+def test_joint_branch_reaches_other_frames_at_other_positions():
+  """joint_blocks: the temporal branch links a token only to its own position in other frames;
+  the all-frames branch links it to every position of every frame (a digit that moved)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = dit.config_for("tiny", image_size=16, frames=4, layout="divided", joint_blocks=1)
+  graphdef, state = nnx.split(dit.Block(cfg, rngs=nnx.Rngs(0), joint=True), nnx.Param)
+  p = state.to_pure_dict()
+  apply = lambda params, h, c: nnx.merge(graphdef, nnx.State(params))(h, c)
+  n = 16                                    # tokens per frame (4 x 4 patches)
+  h = jax.random.normal(jax.random.PRNGKey(1), (1, 4 * n, cfg.hidden))
+  c = jax.random.normal(jax.random.PRNGKey(2), (1, cfg.hidden))
+  only = lambda name: {**p, name: _perturbed(p[name], seed=5, scale=0.3)}
+  at_init = _token_dependence(apply, p, h, c, 5)
+  np.testing.assert_array_equal(np.nonzero(at_init)[0], [5])          # residual path only
+  temporal = _token_dependence(apply, only("proj_t"), h, c, 5)
+  np.testing.assert_array_equal(np.nonzero(temporal)[0], [5, n + 5, 2 * n + 5, 3 * n + 5])
+  joint = _token_dependence(apply, only("proj_j"), h, c, 5)
+  assert (joint > 0).all()                   # frame 3, position 9 included
+
+
+def test_extend_adds_joint_blocks_exactly_and_names_mismatches():
+  cfg = dit.config_for("tiny", frames=4, layout="divided")
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p, seed=3)
+  cfg2 = dataclasses.replace(cfg, joint_blocks=1)
+  net2, p2 = models.build_dit(cfg2, seed=1)
+  p2 = dit.extend(p, cfg2, p2)
+  assert "qkv_j" in p2["blocks"][1] and "qkv_j" not in p2["blocks"][0]
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
+  want = net.apply(p, x, t, y)
+  np.testing.assert_array_equal(net2.apply(p2, x, t, y), want)
+  p2["blocks"][1]["proj_j"] = _perturbed(p2["blocks"][1]["proj_j"], seed=4)
+  assert float(jnp.abs(net2.apply(p2, x, t, y) - want).max()) > 1e-3
+  with pytest.raises(ValueError, match="the new DiT has no place for"):   # would drop weights
+    dit.extend(p2, cfg, models.build_dit(cfg)[1])
+  with pytest.raises(ValueError, match="model.joint_blocks=1 needs a video DiT with "
+                                       "layout='divided' \\(got 'joint'\\)"):
+    models.build_dit(dataclasses.replace(cfg2, layout="joint"))
+  with pytest.raises(ValueError, match="model.joint_blocks=3"):
+    models.build_dit(dataclasses.replace(cfg2, joint_blocks=3))
+
+
+def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
+  """train.init_from=<video teacher> + model.joint_blocks: fine-tuning starts at the teacher."""
+  from pdmd_jax import assets  # pylint: disable=import-outside-toplevel
+  from pdmd_jax import teacher_training  # pylint: disable=import-outside-toplevel
+  directory = assets.path("video_teacher")
+  cfg, net, params, _ = teacher_training.load_teacher(directory)
+  cfg2 = dataclasses.replace(cfg, joint_blocks=2)
+  net2, p2 = models.build_dit(cfg2, seed=1)
+  p2 = teacher_training.inflate_from(directory, cfg2, p2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1,) + cfg.sample_shape)
+  t, y = jnp.array([0.6]), jnp.array([3])
+  np.testing.assert_array_equal(net2.apply(p2, x, t, y), net.apply(params, x, t, y))
+  with pytest.raises(ValueError, match="does not match model \\(frames: 8 vs 4"):
+    teacher_training.inflate_from(directory, dataclasses.replace(cfg2, frames=4),
+                                  models.build_dit(dataclasses.replace(cfg2, frames=4))[1])

@@ -48,6 +48,10 @@ class DiTConfig:
   # branch's output projection starts at zero, so an inflated image DiT is exactly the image
   # model frame by frame on any clip).
   layout: str = "joint"
+  # With layout="divided": the last ``joint_blocks`` blocks add a third branch, one attention over
+  # every frame's tokens (output projection zero at init), so a token can find its content in
+  # frames where it has moved by several patches; a trained divided DiT extends exactly (``extend``).
+  joint_blocks: int = 0
 
   @property
   def video(self) -> bool:
@@ -119,7 +123,7 @@ def modulate(x, shift, scale):
 class Block(nnx.Module):
   """adaLN-Zero block: gated self-attention and MLP, both modulated by the conditioning c."""
 
-  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs, joint: bool = False):
     d = cfg.hidden
     self.heads = cfg.heads
     self.impl = cfg.attention
@@ -137,6 +141,11 @@ class Block(nnx.Module):
       self.norm_t = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
       self.qkv_t = _dense(d, 3 * d, ("embed", "heads"), rngs)
       self.proj_t = _dense(d, d, ("heads", "embed"), rngs, zero=True)
+    self.joint = bool(self.frames and joint)
+    if self.joint:       # space-time branch over all frames' tokens (zero output at init)
+      self.norm_j = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
+      self.qkv_j = _dense(d, 3 * d, ("embed", "heads"), rngs)
+      self.proj_j = _dense(d, d, ("heads", "embed"), rngs, zero=True)
 
   def _attend(self, qkv, group):
     """Multi-head attention of [B, N, 3 D] projections within ``group`` (einops pattern of the
@@ -157,6 +166,9 @@ class Block(nnx.Module):
       h = h + gate1[:, None] * self.proj(a).astype(h.dtype)
       a = self._attend(self.qkv_t(self.norm_t(h).astype(self.dtype)), ("(f n)", "(b n) f"))
       h = h + self.proj_t(a).astype(h.dtype)
+      if self.joint:
+        a = self._attend(self.qkv_j(self.norm_j(h).astype(self.dtype)), ("n", "b n"))
+        h = h + self.proj_j(a).astype(h.dtype)
     else:
       a = self._attend(self.qkv(x), ("n", "b n"))
       h = h + gate1[:, None] * self.proj(a).astype(h.dtype)
@@ -176,6 +188,11 @@ class DiT(nnx.Module):
       raise ValueError(f"model.heads={cfg.heads} must divide model.hidden={cfg.hidden}")
     if cfg.layout not in LAYOUTS:
       raise ValueError(f"model.layout={cfg.layout!r} is unknown; allowed: {list(LAYOUTS)}")
+    if cfg.joint_blocks and not (cfg.video and cfg.layout == "divided"
+                                 and 0 < cfg.joint_blocks <= cfg.depth and not cfg.scan_layers):
+      raise ValueError(f"model.joint_blocks={cfg.joint_blocks} needs a video DiT with "
+                       f"layout='divided' (got {cfg.layout!r}), unscanned blocks and a count in "
+                       f"[0, depth={cfg.depth}]")
     self.cfg = cfg
     d = cfg.hidden
     self.patch_dim = cfg.patch**2 * cfg.channels * (cfg.temporal_patch if cfg.video else 1)
@@ -191,7 +208,8 @@ class DiT(nnx.Module):
         return Block(cfg, rngs=r)
       self.blocks = make(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+      self.blocks = nnx.List([Block(cfg, rngs=rngs, joint=i >= cfg.depth - cfg.joint_blocks)
+                              for i in range(cfg.depth)])
     if cfg.video:   # learned per-frame encoding, zero at init (see ``pos_embed`` and ``inflate``)
       self.frame_pos = nnx.Param(logical(nnx.initializers.zeros_init(), (None, "embed"))(
           rngs.params(), (cfg.grid[0], d)))
@@ -292,4 +310,31 @@ def inflate(image_params, cfg: DiTConfig, video_params):
       raise ValueError(f"inflate: {name} has shape {w.shape} in the image DiT, {v.shape} in the "
                        "video DiT (hidden, depth, heads, patch and image_size must match)")
     out.append(w.astype(v.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def extend(params, cfg: DiTConfig, new_params):
+  """A video DiT's parameters initialised from a trained one with the same shapes, plus new
+  space-time branches (``joint_blocks``): every parameter of ``params`` is copied, the new
+  branches keep ``new_params``' init (their output projections are zero, so the extended model
+  computes exactly the trained one). ``new_params`` supplies the tree (``build_dit(cfg)``)."""
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+  out, used = [], set()
+  for path, v in leaves:
+    name = jax.tree_util.keystr(path)
+    if path not in flat:
+      if not any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j")):
+        raise ValueError(f"extend: the trained DiT has no parameter {name}")
+      out.append(jnp.zeros_like(v) if "['proj_j']" in name else v)
+      continue
+    w = jnp.asarray(flat[path])
+    if w.shape != v.shape:
+      raise ValueError(f"extend: {name} has shape {w.shape} in the trained DiT, {v.shape} in "
+                       f"the new one ({cfg})")
+    out.append(w.astype(v.dtype))
+    used.add(path)
+  dropped = [jax.tree_util.keystr(p) for p in flat if p not in used]
+  if dropped:
+    raise ValueError(f"extend: the new DiT has no place for {dropped[:3]} ...")
   return jax.tree_util.tree_unflatten(treedef, out)
