@@ -25,6 +25,7 @@ on other machines or in parallel sweeps join one table:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -133,14 +134,14 @@ def _overrides():
   return out
 
 
-def _run_key(row_id, variant, steps, seed):
+def _run_key(config, steps, seed):
   """What makes two runs of a row the same run (stored in each run's record as "run"): the
   budget, the teacher's card and a hash of the whole run config (so a changed default, e.g. the
   LoRA targets, is a different run; ``--prior`` records written before the hash match on the
   other fields)."""
   key = {"seed": seed, "steps": steps, "batch": _BATCH.value, "eval_samples": _EVAL.value,
          "teacher": assets.fingerprint(_teacher_dir())}
-  config = _run_config(row_id, variant, steps, seed)[0]
+  config = copy.deepcopy(config)
   config.teacher.path = ""                         # machine-dependent; the fingerprint is above
   key["config"] = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
   return {**key, "set": _overrides()} if _overrides() else key
@@ -159,7 +160,7 @@ def run_one(row_id, name, variant, steps, seed):
   """(record, workdir) of one run: from --workroot, else from --prior (workdir None), else trained
   (record None if --cached_only)."""
   config, workdir = _run_config(row_id, variant, steps, seed)
-  key = _run_key(row_id, variant, steps, seed)
+  key = _run_key(config, steps, seed)
   if os.path.exists(os.path.join(workdir, "metrics.json")):
     out = _backfill(json.load(open(os.path.join(workdir, "metrics.json"))), workdir)
     by_phase = os.path.join(workdir, "by_phase.json")      # motion_by_phase's cache, if it ran
