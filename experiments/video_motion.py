@@ -45,6 +45,7 @@ sys.path.insert(0, ROOT)
 
 from pdmd_jax import assets  # noqa: E402
 from pdmd_jax import configs  # noqa: E402
+from pdmd_jax import families  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
 from pdmd_jax import trainer  # noqa: E402
 from pdmd_jax.evaluation import gmm_metrics  # noqa: E402
@@ -303,9 +304,9 @@ def motion_by_phase(row_id, variant, steps, seed):
   out = {}
   for key, use in (("all", (False,) * n), ("high", (False,) * half + (True,) * (n - half)),
                    ("low", (True,) * half + (False,) * (n - half))):
-    fn = jax.jit(lambda e, tp, z, y, use=use: sampling.mixed_sample(
+    fn = jax.jit(lambda e, tp, z, y, use=use: families.decode(run.family, sampling.mixed_sample(
         run.plan, run.step_cfg.experts_apply(tp), e, run.teacher, tp, z, y, use_teacher=use,
-        substeps=config.eval.teacher_substeps, shift_value=config.shift)[-1])
+        substeps=config.eval.teacher_substeps, shift_value=config.shift)[-1]))
     x = image_eval._batches(lambda zb, yb, fn=fn: fn(run.experts(state), run.teacher_params, zb, yb),  # pylint: disable=protected-access
                             z, labels, 50)
     flow = motion_metrics.clip_motion(x)["flow"]

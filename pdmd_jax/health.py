@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import families
 from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_eval
@@ -58,12 +59,12 @@ class HealthMonitor:
     # digits: the classifier's features
     self._features = (jax.jit(family.features) if family is not None
                       and family.features is not None else None)
-    self._student = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
-        run.plan, run.step_cfg.experts_apply(tp), e, z, y)[-1])
+    self._student = jax.jit(lambda e, tp, z, y: families.decode(family, sampling.few_step_sample(
+        run.plan, run.step_cfg.experts_apply(tp), e, z, y)[-1]))
     c = run.config
-    teacher = jax.jit(lambda tp, z, y: sampling.teacher_sample(
+    teacher = jax.jit(lambda tp, z, y: families.decode(family, sampling.teacher_sample(
         run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
-        shift_value=c.shift)[-1])
+        shift_value=c.shift)[-1]))
     self.reference = self._stats(np.asarray(teacher(run.teacher_params, self.z,
                                                     jnp.asarray(self.labels))))
 

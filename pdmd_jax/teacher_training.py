@@ -27,6 +27,7 @@ from absl import logging
 from pdmd_jax import assets
 from pdmd_jax import losses
 from pdmd_jax import models
+from pdmd_jax import noise
 from pdmd_jax import schedule as S
 from pdmd_jax import sampling
 from pdmd_jax.data import tfds_data
@@ -41,15 +42,16 @@ def dit_config(model_cfg) -> dit_lib.DiTConfig:
 
 
 def make_train_step(apply, tx, *, num_classes: int, p_uncond: float, shift: float,
-                    ema_decay: float):
-  """(params, ema, opt, batch, key) -> (params, ema, opt, metrics): one flow-matching update."""
+                    ema_decay: float, noise_frame_corr: float = 0.0):
+  """(params, ema, opt, batch, key) -> (params, ema, opt, metrics): one flow-matching update
+  (eps from the frame-correlated prior of ``noise.py`` when noise_frame_corr > 0)."""
 
   def loss_fn(p, x0, y, key):
     k_t, k_m, k_e, k_u = jax.random.split(key, 4)
     b = x0.shape[0]
     u = jax.random.uniform(k_t, (b,))
     t = jnp.where(jax.random.uniform(k_m, (b,)) < 0.5, u, S.shift(u, shift))
-    eps = jax.random.normal(k_e, x0.shape)
+    eps = noise.sample(k_e, x0.shape, noise_frame_corr)
     y = jnp.where(jax.random.uniform(k_u, (b,)) < p_uncond, num_classes, y)
     x_t = S.bcast(1 - t, x0) * x0 + S.bcast(t, x0) * eps
     return losses.flow_matching_loss(S.flow_matching(), apply(p, x_t, t, y), x0, eps)
@@ -77,7 +79,8 @@ def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: 
   key = jax.random.PRNGKey(seed)
   for i in range(0, len(labels), batch_size):
     y = labels[i:i + batch_size]
-    z = jax.random.normal(jax.random.fold_in(key, i), (len(y),) + cfg.sample_shape)
+    z = noise.sample(jax.random.fold_in(key, i), (len(y),) + cfg.sample_shape,
+                     cfg.noise_frame_corr)
     pad = batch_size - len(y)
     zz = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:])]) if pad else z
     yy = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
@@ -206,7 +209,9 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   ema = jax.tree.map(jnp.array, params)
   step_fn = jax.jit(make_train_step(net.apply, tx, num_classes=cfg.num_classes,
                                     p_uncond=tr.p_uncond, shift=tr.t_shift,
-                                    ema_decay=tr.ema_decay), donate_argnums=(0, 1, 2))
+                                    ema_decay=tr.ema_decay,
+                                    noise_frame_corr=cfg.noise_frame_corr),
+                    donate_argnums=(0, 1, 2))
   it, x_key = make_iterator(config, cfg)
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2),

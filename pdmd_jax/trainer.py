@@ -31,6 +31,7 @@ logging.set_verbosity(logging.WARNING)   # orbax logs every file it writes at IN
 
 from pdmd_jax import assembly
 from pdmd_jax import checkpointing
+from pdmd_jax import families
 from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax import train_step as ts
@@ -365,8 +366,8 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   k_y, k_z = jax.random.split(jax.random.PRNGKey(config.eval.seed))
   y = run.sample_labels(k_y, (n,))
   z = jax.random.normal(k_z, (n,) + run.sample_shape)
-  traj = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
-      run.plan, run.step_cfg.experts_apply(tp), e, z, y))(run.experts(state), run.teacher_params,
+  traj = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in sampling.few_step_sample(
+      run.plan, run.step_cfg.experts_apply(tp), e, z, y)])(run.experts(state), run.teacher_params,
                                                           z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
   labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices

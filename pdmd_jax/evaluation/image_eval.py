@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdmd_jax import families
 from pdmd_jax import paths
 from pdmd_jax import sampling
 from pdmd_jax.evaluation import image_metrics
@@ -63,9 +64,10 @@ def inputs(run):
 
 
 def student_samples(run, experts, z, labels, batch: int = 250):
-  """Few-step trajectories [N + 1 grid points][N, ...] of the distilled MoE sampler."""
-  fn = jax.jit(lambda e, tp, z, y: sampling.few_step_sample(
-      run.plan, run.step_cfg.experts_apply(tp), e, z, y))
+  """Few-step trajectories [N + 1 grid points][N, ...] of the distilled MoE sampler (pixels:
+  ``families.decode``)."""
+  fn = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in sampling.few_step_sample(
+      run.plan, run.step_cfg.experts_apply(tp), e, z, y)])
   return _batches(lambda z, y: fn(experts, run.teacher_params, z, y), z, labels, batch)
 
 
@@ -87,9 +89,9 @@ def teacher_samples(run, z, labels, workdir: str | None, batch: int = 250):
   path = os.path.join(workdir, key) if workdir else None
   if path and paths.exists(path):
     return paths.load_npy(path)
-  fn = jax.jit(lambda tp, z, y: sampling.teacher_sample(
+  fn = jax.jit(lambda tp, z, y: families.decode(run.family, sampling.teacher_sample(
       run.teacher, tp, run.plan, z, y, substeps=c.eval.teacher_substeps,
-      shift_value=c.shift)[-1])
+      shift_value=c.shift)[-1]))
   x = _batches(lambda z, y: fn(run.teacher_params, z, y), z, labels, batch)
   if path and jax.process_index() == 0:       # multi-process: process 0 writes
     paths.save_npy(path, x)

@@ -86,6 +86,12 @@ class Family:
   # x [B, *sample_shape] -> features [B, F] of clean samples (the ODE anchor's "features"
   # distance); None: the family has none.
   features: Callable | None = None
+  # x [B, *sample_shape] in the engine's coordinates -> the family's samples. The engine samples
+  # z ~ N(0, I) and every equation assumes i.i.d. noise; a teacher trained under another Gaussian
+  # prior N(0, Sigma) runs in whitened coordinates u = Sigma^{-1/2} x (its apply wrapped by
+  # ``noise.whitened_apply``) and ``decode`` = Sigma^{1/2} maps its samples (and trajectory
+  # points) back to pixels before any metric. None: the identity.
+  decode: Callable | None = None
   # What only this family's evaluator reads (e.g. the mixture, a teacher card, embeddings).
   extras: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
@@ -93,6 +99,12 @@ class Family:
     if self.evaluator not in EVALUATORS:
       raise ValueError(f"Family {self.name!r}: evaluator={self.evaluator!r}; allowed: "
                        f"{list(EVALUATORS)}")
+
+
+def decode(family: Family | None, x):
+  """``family.decode(x)`` (pixels of engine-coordinate samples); x itself without a decode."""
+  fn = getattr(family, "decode", None)
+  return x if fn is None else fn(x)
 
 
 def names() -> tuple[str, ...]:

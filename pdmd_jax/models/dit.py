@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pdmd_jax import noise
 from pdmd_jax import sharding
 from pdmd_jax.models import attention
 from pdmd_jax.models.mlp import timestep_embedding
@@ -52,6 +53,10 @@ class DiTConfig:
   # every frame's tokens (output projection zero at init), so a token can find its content in
   # frames where it has moved by several patches; a trained divided DiT extends exactly (``extend``).
   joint_blocks: int = 0
+  # The prior the network is trained under: noise correlated across frames with this coefficient
+  # (``pdmd_jax/noise.py``, PYoCo's mixed noise); 0: i.i.d. frames. Not an architecture field:
+  # it rides here so that the teacher's card carries it to sampling and distillation.
+  noise_frame_corr: float = 0.0
 
   @property
   def video(self) -> bool:
@@ -193,6 +198,7 @@ class DiT(nnx.Module):
       raise ValueError(f"model.joint_blocks={cfg.joint_blocks} needs a video DiT with "
                        f"layout='divided' (got {cfg.layout!r}), unscanned blocks and a count in "
                        f"[0, depth={cfg.depth}]")
+    noise.check(cfg.noise_frame_corr, cfg.frames)
     self.cfg = cfg
     d = cfg.hidden
     self.patch_dim = cfg.patch**2 * cfg.channels * (cfg.temporal_patch if cfg.video else 1)

@@ -24,6 +24,7 @@ import numpy as np
 from pdmd_jax import assets
 from pdmd_jax import families
 from pdmd_jax import models
+from pdmd_jax import noise
 from pdmd_jax import teachers
 from pdmd_jax import validation as V
 from pdmd_jax.evaluation import image_metrics
@@ -112,7 +113,8 @@ def _real_data(cfg: dit_lib.DiTConfig, card: dict, gan):
       ds, key = moving_digits.dataset("train", batch_size, seed, **card.get("data", {})), "video"
     else:
       ds, key = mnist.dataset("train", batch_size, seed), "image"
-    return ds.map(lambda b: {"x": np.asarray(b[key], np.float32),
+    rho = cfg.noise_frame_corr      # real clips in the engine's (whitened) coordinates
+    return ds.map(lambda b: {"x": np.asarray(noise.whiten(np.asarray(b[key], np.float32), rho)),
                              "y": np.asarray(b["label"], np.int32)})
   return make
 
@@ -143,23 +145,31 @@ def build(config, plan, mesh, *, abstract: bool = False, workdir: str | None = N
   gan = config.get("gan")
   layer = cfg.depth // 2 if gan is None or gan.layer < 0 else gan.layer
   uncond = unconditional(config)
+  # A teacher trained under the frame-correlated prior runs in whitened coordinates (noise.py).
+  rho = cfg.noise_frame_corr
+  apply = noise.whitened_apply(net.apply, rho)
+
+  def score_features(p, x, t, y):
+    v, tokens = net.apply_features(p, noise.color(x, rho), t, y, layer)
+    return noise.whiten(v, rho), tokens
+
   return families.Family(
       name="dit", teacher=teachers.network_teacher(
-          net.apply, cfg.num_classes, t.guidance_scale, t.get("cfg_norm", "none"),
+          apply, cfg.num_classes, t.guidance_scale, t.get("cfg_norm", "none"),
           token_block=((cfg.temporal_patch,) if cfg.video else ()) + (cfg.patch, cfg.patch,
                                                                       cfg.channels)),
-      teacher_params=params, teacher_axes=axes, apply=net.apply,
+      teacher_params=params, teacher_axes=axes, apply=apply,
       sample_shape=cfg.sample_shape, num_classes=cfg.num_classes, evaluator="image_eval",
       attention_shape=(int(np.prod(cfg.grid)), cfg.heads),
       sample_cond=((lambda key, shape: jnp.full(shape, cfg.num_classes, jnp.int32)) if uncond
                    else (lambda key, shape: jax.random.randint(key, shape, 0, cfg.num_classes))),
       unconditional=uncond,
       features=image_metrics.feature_map() if has_features(config) else None,
-      score_features=None if cfg.scan_layers else (
-          lambda p, x, t, y: net.apply_features(p, x, t, y, layer)),
+      score_features=None if cfg.scan_layers else score_features,
       real_data=None if card is None else _real_data(cfg, card, config.get("gan") or {}),
+      decode=(lambda x: noise.color(x, rho)) if rho else None,
       extras=MappingProxyType({"card": card, "dit_config": cfg}),
-      **common.adapters(config, net.apply, params, axes, abstract=abstract))
+      **common.adapters(config, apply, params, axes, abstract=abstract))
 
 
 def random_config(arch: dit_lib.DiTConfig, arg: str | None = None, overrides: dict | None = None):
