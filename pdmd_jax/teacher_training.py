@@ -195,13 +195,18 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
     if d.get("source", offline) != offline:
       raise ValueError(f"config.data.source={d.source!r}: expected {offline!r} (the offline "
                        "data) or 'tfds:NAME' (a prepared tfds dataset)")
+  tr = config.train
+  if tr.num_steps < 0 or (tr.num_steps and not 0 <= tr.warmup_steps < tr.num_steps):
+    raise ValueError(f"config.train.num_steps={tr.num_steps} / train.warmup_steps="
+                     f"{tr.warmup_steps}: need 0 <= warmup_steps < num_steps, or num_steps=0 "
+                     "(evaluate train.init_from as it is, e.g. under another prior)")
   os.makedirs(workdir, exist_ok=True)
   cfg = dit_config(config.model)
   net, params = models.build_dit(cfg, config.seed)
-  tr = config.train
   if tr.get("init_from"):        # image -> video inflation from a trained image DiT
     params = inflate_from(tr.init_from, cfg, params)
-  sched = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps, tr.num_steps,
+  sched = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps,
+                                             max(tr.num_steps, tr.warmup_steps + 1),
                                              end_value=tr.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(tr.grad_clip),
                    optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=tr.weight_decay))

@@ -46,6 +46,14 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(tmp_path):
     teacher_training.load_teacher(str(tmp_path))
 
 
+def test_training_budget_is_validated_before_anything_runs(tmp_path):
+  c = configs.load("configs/mnist_teacher.py:runlocal")
+  c.train.num_steps, c.train.warmup_steps = 5, 5
+  with pytest.raises(ValueError, match=r"train.num_steps=5 / train.warmup_steps=5.*num_steps=0"):
+    teacher_training.train_teacher(c, str(tmp_path / "work"), verbose=False)
+  assert not (tmp_path / "work").exists()
+
+
 def test_fingerprint_names_the_card(tmp_path):
   """Experiment caches key on the card's fingerprint: equal cards agree, any change differs."""
   params = {"w": jax.numpy.ones((2,))}
