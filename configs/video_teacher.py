@@ -52,7 +52,8 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   that noise decides start alike in every frame). v2 sampled from it without retraining keeps
   the frames alike but stops the digits (rho 0.5: warp error 0.012, mean flow 0.24 px/frame,
   frame accuracy 0.73; ``--config.train.num_steps=0`` with the flags below evaluates
-  train.init_from as it is). v2 trained 2,500 more steps under rho = 0.5 (30 min), 250 clips as above:
+  train.init_from as it is). v2 trained 2,500 more steps under rho = 0.5 (30 min), 250 clips as
+  above:
     warp error 0.033 vs 0.029, frame accuracy 0.91 vs 0.92, speed std 0.70 vs 0.59, mean flow
     1.80 vs 1.58 (card: docs/results/video_teacher_corr05_card.json). Once trained under it,
     the prior buys no consistency: the shape drift is the network's, not the noise's.
@@ -104,7 +105,7 @@ def get_config(arg=None):
   c.model.num_classes = 10
   c.model.layout = "divided"             # divided | joint space-time attention (models/dit.py)
   c.model.joint_blocks = 0               # divided: last N blocks add an all-frames attention
-  c.model.noise_frame_corr = 0.0         # prior: frame-correlated noise (pdmd_jax/noise.py); 0 = iid
+  c.model.noise_frame_corr = 0.0         # prior: noise correlated across frames (noise.py); 0: iid
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4 if a.runlocal else 16

@@ -263,7 +263,7 @@ def main(argv):
         seed = workdirs[name][0]
         by_phase = motion_by_phase(row_id, variant, _STEPS.value, seed)
         next(r for r in results[name] if r["run"]["seed"] == seed)["by_phase"] = by_phase
-    table = [{"method": name, "seeds": ", ".join(str(r["run"]["seed"]) for r in runs
+    table = [{"method": name, "seed ids": ", ".join(str(r["run"]["seed"]) for r in runs
                                                  if "by_phase" in r),
               **{label: [r["by_phase"][k] for r in runs if "by_phase" in r]
                  for k, label in _BY_PHASE_COLS.items()}}
@@ -274,7 +274,7 @@ def main(argv):
               "0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the teacher to "
               "t = 0.75, then the experts. fast quarter: the same ratio on the clips where the "
               "teacher moves fastest (top 25% of its flow).\n\n"
-              + gmm_metrics.markdown_table(table, ["method", "seeds"]
+              + gmm_metrics.markdown_table(table, ["method", "seed ids"]
                                            + list(_BY_PHASE_COLS.values())))
   write_table(results, extra)
 

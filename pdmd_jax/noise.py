@@ -58,7 +58,7 @@ def sample(key, shape, rho: float = 0.0, dtype=jnp.float32):
 
 def whitened_apply(apply, rho: float):
   """apply(params, x, t, y) -> v in pixels  ->  the same network in whitened coordinates:
-  u -> Sigma^{-1/2} v(Sigma^{1/2} u). Exact, since x_t and v = eps - x_0 are linear in (x_0, eps)."""
+  u -> Sigma^{-1/2} v(Sigma^{1/2} u); exact, as x_t and v = eps - x_0 are linear in (x_0, eps)."""
   if not rho:
     return apply
   return lambda params, u, t, y: whiten(apply(params, color(u, rho), t, y), rho)

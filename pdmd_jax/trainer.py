@@ -366,9 +366,10 @@ def sample_to_npz(config, workdir: str, out_path: str | None = None) -> str:
   k_y, k_z = jax.random.split(jax.random.PRNGKey(config.eval.seed))
   y = run.sample_labels(k_y, (n,))
   z = jax.random.normal(k_z, (n,) + run.sample_shape)
-  traj = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in sampling.few_step_sample(
-      run.plan, run.step_cfg.experts_apply(tp), e, z, y)])(run.experts(state), run.teacher_params,
-                                                          z, y)
+  sample = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in
+                                        sampling.few_step_sample(
+                                            run.plan, run.step_cfg.experts_apply(tp), e, z, y)])
+  traj = sample(run.experts(state), run.teacher_params, z, y)
   out_path = out_path or os.path.join(workdir, f"samples_step{int(state.step)}.npz")
   labels = y["index"] if isinstance(y, dict) else y   # text conditioning: prompt indices
   if jax.process_index() != 0:

@@ -66,8 +66,9 @@ def inputs(run):
 def student_samples(run, experts, z, labels, batch: int = 250):
   """Few-step trajectories [N + 1 grid points][N, ...] of the distilled MoE sampler (pixels:
   ``families.decode``)."""
-  fn = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in sampling.few_step_sample(
-      run.plan, run.step_cfg.experts_apply(tp), e, z, y)])
+  fn = jax.jit(lambda e, tp, z, y: [families.decode(run.family, x) for x in
+                                    sampling.few_step_sample(
+                                        run.plan, run.step_cfg.experts_apply(tp), e, z, y)])
   return _batches(lambda z, y: fn(experts, run.teacher_params, z, y), z, labels, batch)
 
 
