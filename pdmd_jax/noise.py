@@ -10,6 +10,9 @@ Every equation of the spec assumes eps ~ N(0, I). They hold unchanged in whitene
 u = Sigma^{-1/2} x, where the same process reads u_t = (1 - t) u_0 + t xi with xi ~ N(0, I) and
 the teacher's velocity is Sigma^{-1/2} v(Sigma^{1/2} u): ``whitened_apply`` wraps a network so
 the distillation engine runs in u unchanged, and ``color`` maps its samples back to pixels.
+The reverse KL is invariant under the change of coordinates, so the DMD gradient computed in u
+is the exact one; in pixels its score difference carries a Sigma^{-1} that an engine fed
+correlated eps in pixel coordinates would silently drop.
 
 Sigma^{±1/2} act per pixel along the frame axis (axis 1 of [B, F, ...]) through the two
 eigenspaces of Sigma: the frame mean (eigenvalue 1 - rho + F rho) and its complement (1 - rho).
