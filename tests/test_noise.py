@@ -18,6 +18,7 @@ from pdmd_jax import noise
 from pdmd_jax import sampling
 from pdmd_jax import schedule as S
 from pdmd_jax import trainer
+from pdmd_jax.families import common
 from pdmd_jax.families import dit as dit_family
 from pdmd_jax.models import dit
 
@@ -121,11 +122,7 @@ def test_distillation_of_a_correlated_video_teacher(tmp_path):
   """configs/video.py on a tiny video DiT trained under the prior: the experts at init sample
   exactly the pixel-space teacher from colored noise, and one phase step stays finite."""
   cfg = dit.DiTConfig(frames=4, layout="divided", noise_frame_corr=0.6, **_TINY)
-  _, params = models.build_dit(cfg, seed=3)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys)])
+  params = common.perturbed(models.build_dit(cfg, seed=3)[1], seed=0, scale=0.05)
   path = str(tmp_path / "teacher")
   assets.save(path, jax.device_get(params), {"model": dataclasses.asdict(cfg), "metrics": None})
   c = configs.load(f"configs/video.py:runlocal,teacher={path}")
