@@ -99,6 +99,8 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "tiny" if a.runlocal else "small"
+  c.model.depth = ml_collections.config_dict.placeholder(int)  # None: the variant's (deeper
+  #                                    than init_from's: identity blocks appended, dit.extend)
   c.model.patch = 4
   c.model.frames = 8
   c.model.temporal_patch = 2 if a.runlocal else 1   # 8 x 8 x 8 = 512 tokens (see the docstring)

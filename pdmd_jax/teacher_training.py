@@ -35,9 +35,9 @@ from pdmd_jax.models import dit as dit_lib
 
 
 def dit_config(model_cfg) -> dit_lib.DiTConfig:
-  """DiTConfig from a config.model ConfigDict (variant + overrides)."""
+  """DiTConfig from a config.model ConfigDict (variant + overrides; None keeps the variant's)."""
   fields = {f.name for f in dataclasses.fields(dit_lib.DiTConfig)}
-  overrides = {k: v for k, v in model_cfg.items() if k in fields}
+  overrides = {k: v for k, v in model_cfg.items() if k in fields and v is not None}
   return dit_lib.config_for(model_cfg.variant, **overrides)
 
 
@@ -164,17 +164,21 @@ def make_iterator(config, cfg: dit_lib.DiTConfig):
 def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
   """A video DiT's parameters initialised from the DiT teacher in ``directory``: an image DiT
   is inflated (``dit.inflate``); a video DiT of the same shapes is extended with this config's
-  new space-time branches (``dit.extend``: fine-tuning a shipped video teacher)."""
+  new space-time branches and blocks (``dit.extend``: fine-tuning a shipped video teacher)."""
   icfg, _, iparams, _ = load_teacher(directory)
   if not cfg.video:
     raise ValueError(f"train.init_from={directory!r}: initialising from a teacher needs a video "
                      f"DiT (frames>1, got {cfg.frames})")
-  same = ("image_size", "channels", "patch", "hidden", "depth", "heads", "mlp_ratio",
-          "num_classes", "time_dim")
+  same = ("image_size", "channels", "patch", "hidden", "heads", "mlp_ratio", "num_classes",
+          "time_dim")
   if icfg.video:
     same += ("frames", "temporal_patch", "layout")
+  else:
+    same += ("depth",)
   bad = [f"{k}: {getattr(icfg, k)} vs {getattr(cfg, k)}" for k in same
          if getattr(icfg, k) != getattr(cfg, k)]
+  if icfg.video and icfg.depth > cfg.depth:
+    bad.append(f"depth: {icfg.depth} vs {cfg.depth}")
   if icfg.video and icfg.joint_blocks > cfg.joint_blocks:
     bad.append(f"joint_blocks: {icfg.joint_blocks} vs {cfg.joint_blocks}")
   if bad:

@@ -271,6 +271,30 @@ def test_extend_adds_joint_blocks_exactly_and_names_mismatches():
     models.build_dit(dataclasses.replace(cfg2, joint_blocks=3))
 
 
+def test_extend_appends_blocks_as_the_identity():
+  """model.depth above the trained DiT's: the new blocks start as the identity (adaLN-Zero), so
+  the deeper model computes exactly the trained one, and each new block is live to training."""
+  cfg = dit.config_for("tiny", frames=4, layout="divided")
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p, seed=3)
+  cfg2 = dataclasses.replace(cfg, depth=cfg.depth + 2)
+  net2, p2 = models.build_dit(cfg2, seed=1)
+  p2 = dit.extend(p, cfg2, _perturbed(p2, seed=6))   # extend must zero what makes them identity
+  assert len(p2["blocks"]) == cfg.depth + 2
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
+  want = net.apply(p, x, t, y)
+  np.testing.assert_array_equal(net2.apply(p2, x, t, y), want)
+  for i in (cfg.depth, cfg.depth + 1):
+    g = jax.grad(lambda q: jnp.sum(net2.apply(q, x, t, y) ** 2))(p2)
+    assert float(jnp.abs(g["blocks"][i]["ada"]["kernel"]).max()) > 0   # the gates get gradient
+    q = {**p2, "blocks": {**p2["blocks"], i: {**p2["blocks"][i], "ada": _perturbed(
+        p2["blocks"][i]["ada"], seed=7)}}}
+    assert float(jnp.abs(net2.apply(q, x, t, y) - want).max()) > 1e-3
+  with pytest.raises(ValueError, match="the new DiT has no place for"):
+    dit.extend(p2, cfg, models.build_dit(cfg)[1])
+
+
 def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
   """train.init_from=<video teacher> + model.joint_blocks: fine-tuning starts at the teacher."""
   from pdmd_jax import assets  # pylint: disable=import-outside-toplevel
@@ -283,6 +307,13 @@ def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
   x = jax.random.normal(jax.random.PRNGKey(0), (1,) + cfg.sample_shape)
   t, y = jnp.array([0.6]), jnp.array([3])
   np.testing.assert_array_equal(net2.apply(p2, x, t, y), net.apply(params, x, t, y))
+  cfg3 = dataclasses.replace(cfg, depth=cfg.depth + 2)       # model.depth: appended blocks
+  net3, p3 = models.build_dit(cfg3, seed=1)
+  p3 = teacher_training.inflate_from(directory, cfg3, p3)
+  np.testing.assert_array_equal(net3.apply(p3, x, t, y), net.apply(params, x, t, y))
+  shallow = dataclasses.replace(cfg, depth=cfg.depth - 1)
+  with pytest.raises(ValueError, match=f"depth: {cfg.depth} vs {cfg.depth - 1}"):
+    teacher_training.inflate_from(directory, shallow, models.build_dit(shallow)[1])
   with pytest.raises(ValueError, match="does not match model \\(frames: 8 vs 4"):
     teacher_training.inflate_from(directory, dataclasses.replace(cfg2, frames=4),
                                   models.build_dit(dataclasses.replace(cfg2, frames=4))[1])

@@ -320,19 +320,27 @@ def inflate(image_params, cfg: DiTConfig, video_params):
 
 
 def extend(params, cfg: DiTConfig, new_params):
-  """A video DiT's parameters initialised from a trained one with the same shapes, plus new
-  space-time branches (``joint_blocks``): every parameter of ``params`` is copied, the new
-  branches keep ``new_params``' init (their output projections are zero, so the extended model
-  computes exactly the trained one). ``new_params`` supplies the tree (``build_dit(cfg)``)."""
+  """A video DiT's parameters initialised from a trained one, plus new parts that start as the
+  identity: new space-time branches (``joint_blocks``; their output projections are zero) and
+  new blocks appended after the trained ones (``depth``; adaLN-Zero: their modulation, hence
+  both gates, and their temporal output projection are zero). Every parameter of ``params`` is
+  copied, so the extended model computes exactly the trained one. ``new_params`` supplies the
+  tree (``build_dit(cfg)``)."""
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  trained_depth = len({jax.tree_util.keystr(p[:2]) for p in flat
+                       if jax.tree_util.keystr(p[:1]) == "['blocks']"})
   leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params)
   out, used = [], set()
   for path, v in leaves:
     name = jax.tree_util.keystr(path)
     if path not in flat:
-      if not any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j")):
+      if jax.tree_util.keystr(path[:1]) == "['blocks']" and path[1].key >= trained_depth:
+        zero = any(f"['{k}']" in name for k in ("ada", "proj_t", "proj_j"))
+      elif any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j")):
+        zero = "['proj_j']" in name
+      else:
         raise ValueError(f"extend: the trained DiT has no parameter {name}")
-      out.append(jnp.zeros_like(v) if "['proj_j']" in name else v)
+      out.append(jnp.zeros_like(v) if zero else v)
       continue
     w = jnp.asarray(flat[path])
     if w.shape != v.shape:
