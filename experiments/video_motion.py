@@ -327,8 +327,9 @@ def _teacher_clips(workdir):
 def write_table(results, extra=""):
   """Writes video.md (keeping its hand-written "## Reading" section, if any) and video.json."""
   first = next(iter(results.values()))[0]
-  teacher = {"method": "teacher (32-step Euler, CFG 3; reference)", "steps": 32,
-             "seeds": 1, **{label: [first[f"teacher/{k}"]]
+  c, _ = _run_config(*ROWS[0][::2], _STEPS.value, 0)
+  teacher = {"method": f"teacher (32-step Euler, CFG {c.teacher.guidance_scale:g}; reference)",
+             "steps": 32, "seeds": 1, **{label: [first[f"teacher/{k}"]]
                             for k, label in METRICS if k not in ("fd_reference", "flow_ratio")}}
   rows = [_real_row(), teacher]
   for name, runs in results.items():
@@ -337,7 +338,6 @@ def write_table(results, extra=""):
     row["ms / step"] = [r["time_per_step_ms"] for r in runs]
     rows.append(row)
   cols = ["method", "steps", "seeds"] + [label for _, label in METRICS] + ["ms / step"]
-  c, _ = _run_config(*ROWS[0][::2], _STEPS.value, 0)
   header = (f"# Moving digits (video DiT teacher): motion after distillation, {_STEPS.value} "
             f"generator updates per run (TTUR {c.fake.ttur}, batch {_BATCH.value}, LoRA rank "
             f"{c.generator.lora_rank}, generator lr {c.generator.lr:g}, fake lr {c.fake.lr:g}, "

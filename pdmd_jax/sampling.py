@@ -84,6 +84,19 @@ def teacher_sample(teacher: teachers.Teacher, teacher_params, plan: methods.Phas
   return euler(teacher, teacher_params, times, z, y, marks)
 
 
+def sdedit(teacher: teachers.Teacher, teacher_params, x0, eps, y, *, t0: float, steps: int,
+           shift_value: float):
+  """SDEdit (Meng et al. 2022): data ``x0`` noised to x_t0 = (1 - t0) x0 + t0 eps (the flow
+  matching path), then ``steps`` Euler steps of the (guided) teacher from t0 to 0, uniform in
+  unshifted u. t0 = 1 is plain sampling from ``eps``; lower t0 keeps more of ``x0`` (what the
+  teacher must still decide is what the noise above t0 hides)."""
+  if not 0.0 < t0 <= 1.0:
+    raise ValueError(f"t0={t0} must be in (0, 1]")
+  u = np.linspace(float(S.unshift(t0, shift_value)), 0.0, steps + 1)
+  times = np.asarray([t0] + [float(S.shift(v, shift_value)) for v in u[1:]])
+  return euler(teacher, teacher_params, times, (1.0 - t0) * x0 + t0 * eps, y)[-1]
+
+
 def mixed_sample(plan: methods.PhasePlan, apply, experts, teacher: teachers.Teacher,
                  teacher_params, z, y, *, use_teacher, substeps: int, shift_value: float):
   """Grid interval i by the teacher (``substeps`` fine Euler steps) if ``use_teacher[i]``, else

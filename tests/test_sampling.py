@@ -46,3 +46,28 @@ def test_mixed_sampler_reduces_to_the_pure_samplers_and_composes():
   assert not np.allclose(hand_off[-1], few[-1]) and not np.allclose(hand_off[-1], ref[-1])
   with pytest.raises(ValueError, match="use_teacher has 3 entries"):
     mixed((True, False, True))
+
+
+def test_sdedit_returns_the_data_point_of_a_dirac_teacher_and_is_sampling_at_t0_1():
+  """With the exact velocity of a Dirac at p, v = (x_t - p) / t, Euler keeps x_t - p = (t/t0)
+  (x_t0 - p) exactly, so SDEdit lands on p from any t0 and any x0; from t0 = 1 it is the
+  teacher's sampler from the noise."""
+  p = jnp.array([[0.3, -1.2], [2.0, 0.5]])
+  dirac = teachers.Teacher(apply=lambda q, x, t, y: (x - q) / t[:, None], null_class=0)
+  x0 = jnp.array([[5.0, 5.0], [-3.0, 1.0]])
+  eps = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  y = jnp.zeros((2,), jnp.int32)
+  for t0 in (0.2, 0.7, 1.0):
+    out = sampling.sdedit(dirac, p, x0, eps, y, t0=t0, steps=5, shift_value=3.0)
+    np.testing.assert_allclose(out, p, rtol=1e-5, atol=1e-5)
+  still = teachers.Teacher(apply=lambda q, x, t, y: jnp.zeros_like(x), null_class=0)
+  np.testing.assert_allclose(sampling.sdedit(still, p, x0, eps, y, t0=0.3, steps=5,
+                                             shift_value=3.0), 0.7 * x0 + 0.3 * eps, rtol=1e-6)
+  teacher, _, _, z, yy, _ = _toy()
+  tp = jnp.float32(-0.7)
+  times = [float(t) for t in sampling.S.shift(np.linspace(1.0, 0.0, 7), 3.0)]
+  np.testing.assert_allclose(
+      sampling.sdedit(teacher, tp, 100.0 * z, z, yy, t0=1.0, steps=6, shift_value=3.0),
+      sampling.euler(teacher, tp, times, z, yy)[-1], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="t0=0.0 must be in"):
+    sampling.sdedit(teacher, tp, z, z, yy, t0=0.0, steps=4, shift_value=3.0)
