@@ -69,18 +69,21 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   250 clips as above:
     warp error 0.028 vs 0.029, frame accuracy 0.92 vs 0.92, speed std 0.64 vs 0.59, mean flow
     1.65 vs 1.58, FD to real clips 119 vs 120 (card: docs/results/video_teacher_deep8_card.json).
-  Twice the depth buys what 2,500 more steps at the old depth buy (joint run above): nothing.
+  Twice the depth buys what 2,500 more steps at the old depth buy (joint run above): nothing;
+  by SDEdit (below) 0.016 vs 0.018 from t = 0.6 and 0.030 vs 0.031 from 0.9
+  (``experiments/teacher_consistency.py --teacher=/tmp/vt_deep8_out --t0=0.6,0.9``).
+
+    python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_deep8 --config.seed=1 \
+      --config.model.depth=8 --config.train.init_from=assets/video_teacher \
+      --config.train.num_steps=2000 --config.train.lr=3e-4 --config.train.warmup_steps=100 \
+      --config.out_dir=/tmp/vt_deep8_out
+
   Where consistency is lost (``experiments/teacher_consistency.py``, SDEdit of 100 real clips,
   docs/results/teacher_consistency.md): v2's temporal branch does its job where the clip shows
   through the noise (warp error 0.012 from t = 0.3 and 0.018 from 0.6, vs 0.020 and 0.043 for
   the image teacher denoising each frame alone), and from t = 0.9 it is as inconsistent as from
   pure noise (0.031 vs 0.030): the frames part ways between t = 0.9 and 0.6, in the steps that
   decide the digit's shape while no frame shows it.
-
-    python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_deep8 --config.seed=1 \
-      --config.model.depth=8 --config.train.init_from=assets/video_teacher \
-      --config.train.num_steps=2000 --config.train.lr=3e-4 --config.train.warmup_steps=100 \
-      --config.out_dir=/tmp/vt_deep8_out
 
 The result is written to assets/video_teacher (EMA weights + card with the settings, wall time
 and metrics incl. optical flow; v1's settings and metrics under "previous"). To train (resumes):
