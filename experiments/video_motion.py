@@ -368,9 +368,10 @@ def write_table(results, extra=""):
             f"{assets.fingerprint(_teacher_dir())}).\n\n")
   path = os.path.join(_OUT.value, "video.md")
   old = open(path).read() if os.path.exists(path) else ""
-  reading = old[old.index("\n## Reading"):] if "\n## Reading" in old else ""
+  reading = old[old.index("\n## Reading") + 1:] if "\n## Reading" in old else ""
+  body = header + gmm_metrics.markdown_table(rows, cols) + extra
   with open(path + ".tmp", "w") as f:
-    f.write(header + gmm_metrics.markdown_table(rows, cols) + extra + reading)
+    f.write(body.rstrip("\n") + "\n\n" + reading if reading else body)
   os.replace(path + ".tmp", path)
   with open(os.path.join(_OUT.value, "video.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
