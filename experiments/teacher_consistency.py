@@ -14,6 +14,7 @@ temporal attention prevents. t0 = 1 is plain sampling (nothing of the clip is ke
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -44,9 +45,14 @@ _SHIFT = flags.DEFINE_float("shift", 3.0, "Time shift of the Euler grid.")
 _OUT = flags.DEFINE_string("out", "/tmp/teacher_consistency", "Output directory.")
 
 
-def _denoise(directory, x0, eps, y, t0, per_frame):
+@functools.cache
+def _teacher(directory):
   cfg, net, params, _ = teacher_training.load_teacher(directory)
-  teacher = teachers.network_teacher(net.apply, cfg.num_classes, _CFG.value)
+  return teachers.network_teacher(net.apply, cfg.num_classes, _CFG.value), params
+
+
+def _denoise(directory, x0, eps, y, t0, per_frame):
+  teacher, params = _teacher(directory)
   shape = x0.shape
   if per_frame:                          # frames as a batch of images, each with its clip's label
     x0, eps = (a.reshape((-1,) + shape[2:]) for a in (x0, eps))

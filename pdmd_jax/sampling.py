@@ -92,8 +92,7 @@ def sdedit(teacher: teachers.Teacher, teacher_params, x0, eps, y, *, t0: float, 
   teacher must still decide is what the noise above t0 hides)."""
   if not 0.0 < t0 <= 1.0:
     raise ValueError(f"t0={t0} must be in (0, 1]")
-  u = np.linspace(float(S.unshift(t0, shift_value)), 0.0, steps + 1)
-  times = np.asarray([t0] + [float(S.shift(v, shift_value)) for v in u[1:]])
+  times, _ = fine_grid([t0, 0.0], steps, shift_value)
   return euler(teacher, teacher_params, times, (1.0 - t0) * x0 + t0 * eps, y)[-1]
 
 

@@ -327,14 +327,13 @@ def extend(params, cfg: DiTConfig, new_params):
   copied, so the extended model computes exactly the trained one. ``new_params`` supplies the
   tree (``build_dit(cfg)``)."""
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  trained_depth = len({jax.tree_util.keystr(p[:2]) for p in flat
-                       if jax.tree_util.keystr(p[:1]) == "['blocks']"})
+  trained_depth = len(params["blocks"])   # unscanned: {index: block}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params)
   out, used = [], set()
   for path, v in leaves:
     name = jax.tree_util.keystr(path)
     if path not in flat:
-      if jax.tree_util.keystr(path[:1]) == "['blocks']" and path[1].key >= trained_depth:
+      if path[0].key == "blocks" and isinstance(path[1].key, int) and path[1].key >= trained_depth:
         zero = any(f"['{k}']" in name for k in ("ada", "proj_t", "proj_j"))
       elif any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j")):
         zero = "['proj_j']" in name
