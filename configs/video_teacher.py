@@ -129,6 +129,7 @@ def get_config(arg=None):
   c.model.num_classes = 10
   c.model.layout = "divided"             # divided | joint space-time attention (models/dit.py)
   c.model.joint_blocks = 0               # divided: last N blocks add an all-frames attention
+  c.model.temporal_ada = False           # divided: adaLN modulation of the temporal branch
   c.model.noise_frame_corr = 0.0         # prior: noise correlated across frames (noise.py); 0: iid
 
   c.train = ml_collections.ConfigDict()

@@ -181,6 +181,8 @@ def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
     bad.append(f"depth: {icfg.depth} vs {cfg.depth}")
   if icfg.video and icfg.joint_blocks > cfg.joint_blocks:
     bad.append(f"joint_blocks: {icfg.joint_blocks} vs {cfg.joint_blocks}")
+  if icfg.video and icfg.temporal_ada and not cfg.temporal_ada:
+    bad.append("temporal_ada: True vs False")
   if bad:
     raise ValueError(f"train.init_from={directory!r} does not match model ({', '.join(bad)})")
   if icfg.video:

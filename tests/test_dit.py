@@ -295,6 +295,29 @@ def test_extend_appends_blocks_as_the_identity():
     dit.extend(p2, cfg, models.build_dit(cfg)[1])
 
 
+def test_temporal_modulation_extends_exactly_and_is_live():
+  """model.temporal_ada on a trained divided DiT: zero modulation, so the extended model is the
+  trained one; its weights get gradient and, once moved, change the output."""
+  cfg = dit.config_for("tiny", frames=4, layout="divided")
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p, seed=3)
+  cfg2 = dataclasses.replace(cfg, temporal_ada=True)
+  net2, p2 = models.build_dit(cfg2, seed=1)
+  p2 = dit.extend(p, cfg2, _perturbed(p2, seed=6))   # extend must zero the new modulation
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
+  want = net.apply(p, x, t, y)
+  np.testing.assert_array_equal(net2.apply(p2, x, t, y), want)
+  g = jax.grad(lambda q: jnp.sum(net2.apply(q, x, t, y) ** 2))(p2)
+  for i in range(cfg.depth):
+    assert float(jnp.abs(g["blocks"][i]["ada_t"]["kernel"]).max()) > 0
+    q = {**p2, "blocks": {**p2["blocks"], i: {**p2["blocks"][i], "ada_t": _perturbed(
+        p2["blocks"][i]["ada_t"], seed=7)}}}
+    assert float(jnp.abs(net2.apply(q, x, t, y) - want).max()) > 1e-3
+  with pytest.raises(ValueError, match="temporal_ada=True needs a video DiT"):
+    models.build_dit(dit.config_for("tiny", temporal_ada=True))
+
+
 def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
   """train.init_from=<video teacher> + model.joint_blocks: fine-tuning starts at the teacher."""
   from pdmd_jax import assets  # pylint: disable=import-outside-toplevel

@@ -53,6 +53,10 @@ class DiTConfig:
   # every frame's tokens (output projection zero at init), so a token can find its content in
   # frames where it has moved by several patches; a trained divided DiT extends exactly (``extend``).
   joint_blocks: int = 0
+  # With layout="divided": the temporal branch gets its own adaLN modulation from the conditioning
+  # (t, class): shift and scale of its input, (1 + gate) on its output, all zero at init, so the
+  # cross-frame mixing can change with the noise level and a trained DiT extends exactly.
+  temporal_ada: bool = False
   # The prior the network is trained under: noise correlated across frames with this coefficient
   # (``pdmd_jax/noise.py``, PYoCo's mixed noise); 0: i.i.d. frames. Not an architecture field:
   # it rides here so that the teacher's card carries it to sampling and distillation.
@@ -146,6 +150,9 @@ class Block(nnx.Module):
       self.norm_t = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
       self.qkv_t = _dense(d, 3 * d, ("embed", "heads"), rngs)
       self.proj_t = _dense(d, d, ("heads", "embed"), rngs, zero=True)
+      if cfg.temporal_ada:
+        self.ada_t = _dense(d, 3 * d, ("embed", "mlp"), rngs, zero=True)
+    self.temporal_ada = bool(self.frames and cfg.temporal_ada)
     self.joint = bool(self.frames and joint)
     if self.joint:       # space-time branch over all frames' tokens (zero output at init)
       self.norm_j = nnx.LayerNorm(d, use_scale=False, use_bias=False, epsilon=1e-6, rngs=rngs)
@@ -169,8 +176,13 @@ class Block(nnx.Module):
     if self.frames:     # divided: attention within each frame, then across frames per position
       a = self._attend(self.qkv(x), ("(f n)", "(b f) n"))
       h = h + gate1[:, None] * self.proj(a).astype(h.dtype)
-      a = self._attend(self.qkv_t(self.norm_t(h).astype(self.dtype)), ("(f n)", "(b n) f"))
-      h = h + self.proj_t(a).astype(h.dtype)
+      x = self.norm_t(h)
+      if self.temporal_ada:
+        shift_t, scale_t, gate_t = jnp.split(self.ada_t(jax.nn.silu(c)), 3, -1)
+        x = modulate(x, shift_t, scale_t)
+      a = self._attend(self.qkv_t(x.astype(self.dtype)), ("(f n)", "(b n) f"))
+      a = self.proj_t(a).astype(h.dtype)
+      h = h + (a * (1 + gate_t[:, None]) if self.temporal_ada else a)
       if self.joint:
         a = self._attend(self.qkv_j(self.norm_j(h).astype(self.dtype)), ("n", "b n"))
         h = h + self.proj_j(a).astype(h.dtype)
@@ -198,6 +210,9 @@ class DiT(nnx.Module):
       raise ValueError(f"model.joint_blocks={cfg.joint_blocks} needs a video DiT with "
                        f"layout='divided' (got {cfg.layout!r}), unscanned blocks and a count in "
                        f"[0, depth={cfg.depth}]")
+    if cfg.temporal_ada and not (cfg.video and cfg.layout == "divided"):
+      raise ValueError(f"model.temporal_ada=True needs a video DiT with layout='divided' (got "
+                       f"frames={cfg.frames}, layout={cfg.layout!r})")
     noise.check(cfg.noise_frame_corr, cfg.frames)
     self.cfg = cfg
     d = cfg.hidden
@@ -299,7 +314,7 @@ def inflate(image_params, cfg: DiTConfig, video_params):
   out = []
   for path, v in leaves:
     name = jax.tree_util.keystr(path)
-    if "frame_pos" in name or "['proj_t']" in name:
+    if any(k in name for k in ("frame_pos", "['proj_t']", "['ada_t']")):
       out.append(jnp.zeros_like(v))
       continue
     if "['qkv_t']" in name:      # the temporal branch is new: its own init (its output is zero)
@@ -321,8 +336,8 @@ def inflate(image_params, cfg: DiTConfig, video_params):
 
 def extend(params, cfg: DiTConfig, new_params):
   """A video DiT's parameters initialised from a trained one, plus new parts that start as the
-  identity: new space-time branches (``joint_blocks``; their output projections are zero) and
-  new blocks appended after the trained ones (``depth``; adaLN-Zero: their modulation, hence
+  identity: new space-time branches (``joint_blocks``; their output projections are zero), a
+  new modulation of the temporal branch (``temporal_ada``; zero) and new blocks appended after the trained ones (``depth``; adaLN-Zero: their modulation, hence
   both gates, and their temporal output projection are zero). Every parameter of ``params`` is
   copied, so the extended model computes exactly the trained one. ``new_params`` supplies the
   tree (``build_dit(cfg)``)."""
@@ -335,8 +350,8 @@ def extend(params, cfg: DiTConfig, new_params):
     if path not in flat:
       if path[0].key == "blocks" and isinstance(path[1].key, int) and path[1].key >= trained_depth:
         zero = any(f"['{k}']" in name for k in ("ada", "proj_t", "proj_j"))
-      elif any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j")):
-        zero = "['proj_j']" in name
+      elif any(f"['{k}']" in name for k in ("norm_j", "qkv_j", "proj_j", "ada_t")):
+        zero = "['proj_j']" in name or "['ada_t']" in name
       else:
         raise ValueError(f"extend: the trained DiT has no parameter {name}")
       out.append(jnp.zeros_like(v) if zero else v)
