@@ -6,9 +6,9 @@ its temporal layers skipped:
   v = v_u + s (v_c - v_u) + w (v_c - v_c^skip),
 
 v_c / v_u the conditional / null-class velocity (CFG scale s) and v_c^skip the conditional
-velocity with every block's temporal branch off (``proj_t`` zeroed: each frame is denoised by
-the spatial layers alone, as the image teacher would). w > 0 pushes each step away from what
-independent frames would do; ``--interval`` restricts it to a t range (the frames of the
+velocity with every block's temporal branch off (``dit.temporal_skipped``: each frame is
+denoised by the spatial layers alone, as the image teacher would). w > 0 pushes each step away
+from what independent frames would do; ``--interval`` restricts it to a t range (the frames of the
 shipped teacher part ways between t = 0.9 and 0.6: docs/results/teacher_consistency.md).
 Each row samples the same noise and labels with the teacher's 32-step Euler grid and reports
 warp error (temporal inconsistency), mean flow and per-clip speed std (motion), frame accuracy
@@ -36,6 +36,7 @@ from pdmd_jax import assets  # noqa: E402
 from pdmd_jax import sampling  # noqa: E402
 from pdmd_jax import teacher_training  # noqa: E402
 from pdmd_jax import teachers  # noqa: E402
+from pdmd_jax.models import dit  # noqa: E402
 from pdmd_jax.evaluation import video_metrics  # noqa: E402
 
 _TEACHER = flags.DEFINE_string("teacher", "", "Video teacher directory ('' = the shipped one).")
@@ -52,44 +53,20 @@ _OUT = flags.DEFINE_string("out", "/tmp/skip_guidance", "Output directory.")
 KEYS = ("warp_error", "mean_flow", "std_flow", "accuracy", "fd_real", "saturation")
 
 
-def temporal_skipped(params):
-  """The same DiT with its temporal branches off (each block's ``proj_t`` zero)."""
-  if not any("proj_t" in jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(params)[0]):
-    raise ValueError("skip guidance needs a video DiT with layout='divided' (no proj_t found)")
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.zeros_like(x) if "proj_t" in jax.tree_util.keystr(p) else x, params)
-
-
-def stg_teacher(apply, null_class: int, guidance_scale: float, scale: float,
-                interval: tuple[float, float]) -> teachers.Teacher:
-  """A Teacher (guidance folded into ``apply``) whose params are (params, temporal_skipped)."""
-  lo, hi = interval
-
-  def velocity(both, x, t, y):
-    params, skipped = both
-    v_c = apply(params, x, t, y)
-    v = apply(params, x, t, jnp.full_like(y, null_class))
-    v = v + guidance_scale * (v_c - v)
-    w = jnp.where((t >= lo) & (t <= hi), scale, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
-    return v + w * (v_c - apply(skipped, x, t, y))
-  return teachers.Teacher(apply=velocity, null_class=null_class)
-
-
 def main(_):
   directory = _TEACHER.value or assets.path("video_teacher")
   cfg, net, params, card = teacher_training.load_teacher(directory)
   interval = tuple(map(float, _INTERVAL.value))
   if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
     raise app.UsageError(f"--interval={_INTERVAL.value}: need lo,hi with 0 <= lo < hi <= 1")
-  both = (params, temporal_skipped(params))
+  both = (params, dit.temporal_skipped(params))
   real, _ = video_metrics.real_clips(card["data"], _NUM.value)
   y = jnp.arange(_NUM.value) % cfg.num_classes
   z = jax.random.normal(jax.random.PRNGKey(1234), (_NUM.value,) + tuple(cfg.sample_shape))
   times, _ = sampling.fine_grid([1.0, 0.0], _STEPS.value, _SHIFT.value)
   rows = []
   for w in map(float, _SCALES.value):
-    teacher = stg_teacher(net.apply, cfg.num_classes, _CFG.value, w, interval)
+    teacher = teachers.skip_guidance_teacher(net.apply, cfg.num_classes, _CFG.value, w, interval)
     run = jax.jit(lambda p, z, y: sampling.euler(teacher, p, times, z, y)[-1])
     clips = np.concatenate([np.asarray(run(both, z[i:i + _BATCH.value], y[i:i + _BATCH.value]))
                             for i in range(0, _NUM.value, _BATCH.value)])

@@ -146,6 +146,23 @@ def network_teacher(apply, num_classes: int, guidance_scale: float = 1.0,
                  null_cond=null_cond, cfg_norm=cfg_norm, token_block=token_block)
 
 
+def skip_guidance_teacher(apply, null_class: int, guidance_scale: float, scale: float,
+                          interval: tuple[float, float]) -> Teacher:
+  """Spatiotemporal skip guidance (STG, Hyun et al. 2024) as a Teacher whose params are
+  (params, skipped params) (e.g. ``dit.temporal_skipped``): v = v_u + s (v_c - v_u) +
+  w (v_c - v_c^skip), with w = ``scale`` for t in ``interval`` and 0 elsewhere."""
+  lo, hi = interval
+
+  def velocity(both, x, t, y):
+    params, skipped = both
+    v_c = apply(params, x, t, y)
+    v = apply(params, x, t, jnp.full_like(y, null_class))
+    v = v + guidance_scale * (v_c - v)
+    w = jnp.where((t >= lo) & (t <= hi), scale, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return v + w * (v_c - apply(skipped, x, t, y))
+  return Teacher(apply=velocity, null_class=null_class)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixture of experts (Wan2.2 A14B: a high-noise and a low-noise expert, spec §1.3, §3.4)
 # ---------------------------------------------------------------------------------------------

@@ -366,3 +366,12 @@ def extend(params, cfg: DiTConfig, new_params):
   if dropped:
     raise ValueError(f"extend: the new DiT has no place for {dropped[:3]} ...")
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def temporal_skipped(params):
+  """The same DiT with its temporal branches off (each block's ``proj_t`` zero)."""
+  if not any("proj_t" in jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]):
+    raise ValueError("skip guidance needs a video DiT with layout='divided' (no proj_t found)")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if "proj_t" in jax.tree_util.keystr(p) else x, params)
