@@ -337,10 +337,11 @@ def inflate(image_params, cfg: DiTConfig, video_params):
 def extend(params, cfg: DiTConfig, new_params):
   """A video DiT's parameters initialised from a trained one, plus new parts that start as the
   identity: new space-time branches (``joint_blocks``; their output projections are zero), a
-  new modulation of the temporal branch (``temporal_ada``; zero) and new blocks appended after the trained ones (``depth``; adaLN-Zero: their modulation, hence
-  both gates, and their temporal output projection are zero). Every parameter of ``params`` is
-  copied, so the extended model computes exactly the trained one. ``new_params`` supplies the
-  tree (``build_dit(cfg)``)."""
+  new modulation of the temporal branch (``temporal_ada``; zero) and new blocks appended after
+  the trained ones (``depth``; adaLN-Zero: their modulation, hence both gates, and their
+  temporal output projection are zero). Every parameter of ``params`` is copied, so the
+  extended model computes exactly the trained one. ``new_params`` supplies the tree
+  (``build_dit(cfg)``)."""
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   trained_depth = len(params["blocks"])   # unscanned: {index: block}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(new_params)
