@@ -158,7 +158,7 @@ def skip_guidance_teacher(apply, null_class: int, guidance_scale: float, scale: 
     v_c = apply(params, x, t, y)
     v = apply(params, x, t, jnp.full_like(y, null_class))
     v = v + guidance_scale * (v_c - v)
-    w = jnp.where((t >= lo) & (t <= hi), scale, 0.0).reshape((-1,) + (1,) * (x.ndim - 1))
+    w = S.bcast(jnp.where((t >= lo) & (t <= hi), scale, 0.0), x)
     return v + w * (v_c - apply(skipped, x, t, y))
   return Teacher(apply=velocity, null_class=null_class)
 

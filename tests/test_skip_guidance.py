@@ -7,17 +7,14 @@ import pytest
 
 from pdmd_jax import models
 from pdmd_jax import teachers
+from pdmd_jax.families import common
 from pdmd_jax.models import dit
 
 
 def _video_dit():
   cfg = dit.config_for("tiny", frames=4, layout="divided")
   net, p = models.build_dit(cfg)
-  leaves, tree = jax.tree.flatten(p)
-  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  p = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape)
-                                for a, k in zip(leaves, keys)])
-  return cfg, net, p
+  return cfg, net, common.perturbed(p, seed=3)
 
 
 def test_temporal_skip_denoises_each_frame_alone():
