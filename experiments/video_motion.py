@@ -227,6 +227,7 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   os.makedirs(_OUT.value, exist_ok=True)
   rows = [r for r in ROWS if not _ONLY.value or r[0] in _ONLY.value]
+  old_strips = _old_strips_line()      # read before write_table rewrites video.md
   results, workdirs = {}, {}
   for seed in map(int, _SEEDS.value):     # seed-major: every row has a run before any has two
     for row_id, name, variant in rows:
@@ -245,7 +246,9 @@ def main(argv):
     sys.exit("no finished runs to tabulate (--cached_only, --workroot, --prior)")
   extra = ""
   seeds = {s for s, _ in workdirs.values()}
-  if len(seeds) == 1:        # side by side only on one seed's noise (the teacher row is shared)
+  if old_strips and set(workdirs) != set(results):
+    extra += old_strips      # a partial re-tabulation keeps the strips of every row it has
+  elif len(seeds) == 1:      # side by side only on one seed's noise (the teacher row is shared)
     (seed,) = seeds
     strips = {"teacher": _teacher_clips(next(iter(workdirs.values()))[1])}
     strips.update({n: np.load(os.path.join(w, "samples_final.npy"))[:10]
@@ -314,6 +317,14 @@ def motion_by_phase(row_id, variant, steps, seed):
     out[key + "_fast"] = float(flow[fast].mean() / teacher_flow[fast].mean())
   json.dump(out, open(path, "w"), indent=1)
   return out
+
+
+def _old_strips_line():
+  """The strips line of an existing video.md in --out (with its rows and seed), or ""."""
+  path = os.path.join(_OUT.value, "video.md")
+  lines = open(path).read().splitlines() if os.path.exists(path) else []
+  return next(("\n" + l + "\n" for l in lines if l.startswith("Same noise and labels side by side")
+               and os.path.exists(os.path.join(_OUT.value, "video_strips.gif"))), "")
 
 
 def _teacher_file(workdir):
