@@ -103,6 +103,7 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
       --config.train.t_shift=8 --config.train.init_from=assets/video_teacher \
       --config.train.num_steps=2000 --config.train.lr=3e-4 --config.train.warmup_steps=100 \
       --config.out_dir=/tmp/vt_shift8_out
+
   Tried, not shipped: guidance towards consistency. Spatiotemporal skip guidance (STG: push
   each step away from the same DiT with its temporal branches off, ``experiments/skip_guidance.py``,
   docs/results/skip_guidance/skip_guidance.md, 100 clips, same noise) buys consistency with
