@@ -109,3 +109,29 @@ def test_flow_on_mnist_clips():
   f = {s: mm.clip_motion(src.batch(range(8), speed=s)["video"])["flow"] for s in (0.0, 1.0, 2.0)}
   assert f[0.0].max() < 0.05 and f[1.0].min() > mm.DYNAMIC_THRESHOLD
   assert 1.6 <= f[2.0].mean() / f[1.0].mean() <= 2.4
+
+
+def test_warp_breakdown_separates_flicker_from_motion():
+  """Real motion: zero error when static, growing with speed, on the ink. Flicker (a static
+  digit whose ink brightness jitters per frame, plus background haze) has error at any speed,
+  and the haze's share is what falls off the ink."""
+  real = np.concatenate([_clips(s, n=6, start=20 * i) for i, s in enumerate((0.0, 1.0, 2.5))])
+  b = mm.warp_breakdown(real)
+  static, mid, fast = b["by_speed"]
+  assert [r["clips"] for r in b["by_speed"]] == [6, 6, 6]
+  assert static["warp_error"] < 1e-3 < mid["warp_error"]
+  assert 0 < mid["warp_error"] < fast["warp_error"] and b["flow_warp_corr"] > 0.5
+  assert b["ink_share"] > 0.9
+
+  rng = np.random.default_rng(0)
+  still = _clips(0.0, n=6, start=200)
+  ink = (still + 1) / 2
+  gain = rng.uniform(0.6, 1.0, still.shape[:2])[:, :, None, None, None]
+  flicker = ink * gain * 2 - 1
+  fb = mm.warp_breakdown(flicker)
+  assert fb["by_speed"][0]["clips"] == 6 and fb["by_speed"][0]["warp_error"] > 5e-3
+  assert fb["ink_share"] > 0.95
+  haze = np.clip(flicker + rng.uniform(0, 0.1, flicker.shape), -1, 1).astype(np.float32)
+  hb = mm.warp_breakdown(haze)
+  assert hb["warp_error"] > fb["warp_error"] and hb["ink_share"] < fb["ink_share"] - 0.1
+  assert np.isnan(mm.warp_breakdown(real[:6])["by_speed"][1]["warp_error"])
