@@ -62,6 +62,18 @@ def _denoise(directory, x0, eps, y, t0, per_frame):
   return np.asarray(fn(params, x0, eps, y)).reshape(shape)
 
 
+def _t0_cell(row) -> str:
+  return "" if row["t0"] is None else f"{row['t0']:g}"
+
+
+def _nan_to_none(x):
+  if isinstance(x, dict):
+    return {k: _nan_to_none(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_nan_to_none(v) for v in x]
+  return None if isinstance(x, float) and x != x else x
+
+
 def main(_):
   video_dir = _TEACHER.value or assets.path("video_teacher")
   image_dir = _IMAGE.value or assets.path("mnist_teacher")
@@ -93,14 +105,13 @@ def main(_):
            "| denoiser | t0 | warp error | mean flow (px/frame) | flow / real clips' |",
            "|---|---|---|---|---|"]
   for r in rows:
-    t0 = "" if r["t0"] is None else f"{r['t0']:g}"
-    lines.append(f"| {r['who']} | {t0} | {r['warp_error']:.4f} | {r['mean_flow']:.3f} | "
+    lines.append(f"| {r['who']} | {_t0_cell(r)} | {r['warp_error']:.4f} | {r['mean_flow']:.3f} | "
                  f"{r['flow_ratio']:.3f} |")
   bins = rows[0]["breakdown"]["by_speed"]
-  lines += ["", "Where the warp error sits (`motion_metrics.warp_breakdown`): its share on ink pixels "
-            f"(> {motion_metrics.INK_THRESHOLD:g} in [0, 1]), its correlation with the clip's flow "
-            "over clips, and its mean by the clip's flow (px/frame; clips in brackets). On real "
-            "clips it is the resampling of a rigidly moving sprite: zero on static clips, larger "
+  lines += ["", "Where the warp error sits (`motion_metrics.warp_breakdown`): its share on ink "
+            f"pixels (> {motion_metrics.INK_THRESHOLD:g} in [0, 1]), its correlation with the "
+            "clip's flow over clips, and its mean by the clip's flow (px/frame; clips in "
+            "brackets). On real clips it is the resampling of a rigidly moving sprite: zero on static clips, larger "
             "when faster; flicker does not care about speed.", "",
             "| denoiser | t0 | ink share | corr(flow, warp error) | " + " | ".join(
                 f"flow [{b['lo']:g}, {b['hi']:g})" for b in bins) + " |",
@@ -109,15 +120,16 @@ def main(_):
     if r["who"].startswith("image"):
       continue
     b = r["breakdown"]
-    t0 = "" if r["t0"] is None else f"{r['t0']:g}"
-    lines.append(f"| {r['who']} | {t0} | {b['ink_share']:.2f} | {b['flow_warp_corr']:.2f} | "
-                 + " | ".join(f"{c['warp_error']:.4f} ({c['clips']})" if c["clips"] else "- (0)"
-                              for c in b["by_speed"]) + " |")
+    cells = [f"{c['warp_error']:.4f} ({c['clips']})" if c["clips"] else "- (0)"
+             for c in b["by_speed"]]
+    lines.append(f"| {r['who']} | {_t0_cell(r)} | {b['ink_share']:.2f} | "
+                 f"{b['flow_warp_corr']:.2f} | " + " | ".join(cells) + " |")
   md = os.path.join(_OUT.value, "teacher_consistency.md")
   old = open(md).read() if os.path.exists(md) else ""
   reading = old[old.index("## Reading"):] if "## Reading" in old else ""   # hand-written: kept
   open(md, "w").write("\n".join(lines) + "\n" + ("\n" + reading if reading else ""))
-  json.dump(rows, open(os.path.join(_OUT.value, "teacher_consistency.json"), "w"), indent=1)
+  json.dump(_nan_to_none(rows), open(os.path.join(_OUT.value, "teacher_consistency.json"), "w"),
+            indent=1)   # strict JSON: an empty speed bin's nan is written as null
   print("\n".join(lines))
 
 
