@@ -111,8 +111,8 @@ def main(_):
   lines += ["", "Where the warp error sits (`motion_metrics.warp_breakdown`): its share on ink "
             f"pixels (> {motion_metrics.INK_THRESHOLD:g} in [0, 1]), its correlation with the "
             "clip's flow over clips, and its mean by the clip's flow (px/frame; clips in "
-            "brackets). On real clips it is the resampling of a rigidly moving sprite: zero on static clips, larger "
-            "when faster; flicker does not care about speed.", "",
+            "brackets). On real clips it is the resampling of a rigidly moving sprite: zero on "
+            "static clips, larger when faster; flicker does not care about speed.", "",
             "| denoiser | t0 | ink share | corr(flow, warp error) | " + " | ".join(
                 f"flow [{b['lo']:g}, {b['hi']:g})" for b in bins) + " |",
             "|---|---|---|---|" + "---|" * len(bins)]
