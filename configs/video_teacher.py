@@ -191,6 +191,7 @@ def get_config(arg=None):
   c.train.ema_decay = 0.999
   c.train.p_uncond = 0.1
   c.train.t_shift = 3.0
+  c.train.frame_diff_weight = 0.0        # + w * frame-difference loss (losses.py); 0: plain Eq. 4
   c.train.log_every = 1 if a.runlocal else 50
   c.train.ckpt_every = 3 if a.runlocal else 500
 

@@ -136,3 +136,16 @@ def fake_loss(psi, weight, scale, target):
 def flow_matching_loss(sched: S.Schedule, v_pred, x0, eps):
   """Eq. 4: E||psi(x_t, t) - (eps - x0)||^2, the teacher's own objective (= eq11 at s = 0)."""
   return jnp.mean(_per_sample_mean((v_pred - (eps - x0))**2))
+
+
+def frame_difference_loss(v_pred, x0, eps):
+  """E||D(psi(x_t, t) - (eps - x0))||^2 with D the difference of consecutive frames (axis 1 of
+  a clip [B, F, ...]): the part of Eq. 4's error that differs from frame to frame. Eq. 4's own
+  error sum per frame pair is |e_f|^2 + |e_f+1|^2; this term is that minus 2 <e_f, e_f+1>, so
+  adding it leaves the regression's minimiser (the conditional mean) unchanged and, at finite
+  capacity, prices an error the frames do not share above one they do: a per-frame error
+  samples as flicker, a shared one as a slightly different digit in every frame."""
+  if v_pred.ndim < 3:
+    raise ValueError(f"frame_difference_loss needs clips [B, F, ...], got shape {v_pred.shape}")
+  e = v_pred - (eps - x0)
+  return jnp.mean(_per_sample_mean((e[:, 1:] - e[:, :-1])**2))

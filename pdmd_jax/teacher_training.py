@@ -42,9 +42,11 @@ def dit_config(model_cfg) -> dit_lib.DiTConfig:
 
 
 def make_train_step(apply, tx, *, num_classes: int, p_uncond: float, shift: float,
-                    ema_decay: float, noise_frame_corr: float = 0.0):
+                    ema_decay: float, noise_frame_corr: float = 0.0,
+                    frame_diff_weight: float = 0.0):
   """(params, ema, opt, batch, key) -> (params, ema, opt, metrics): one flow-matching update
-  (eps from the frame-correlated prior of ``noise.py`` when noise_frame_corr > 0)."""
+  (eps from the frame-correlated prior of ``noise.py`` when noise_frame_corr > 0; plus
+  frame_diff_weight times ``losses.frame_difference_loss`` on clips when > 0)."""
 
   def loss_fn(p, x0, y, key):
     k_t, k_m, k_e, k_u = jax.random.split(key, 4)
@@ -54,14 +56,20 @@ def make_train_step(apply, tx, *, num_classes: int, p_uncond: float, shift: floa
     eps = noise.sample(k_e, x0.shape, noise_frame_corr)
     y = jnp.where(jax.random.uniform(k_u, (b,)) < p_uncond, num_classes, y)
     x_t = S.bcast(1 - t, x0) * x0 + S.bcast(t, x0) * eps
-    return losses.flow_matching_loss(S.flow_matching(), apply(p, x_t, t, y), x0, eps)
+    v = apply(p, x_t, t, y)
+    fm = losses.flow_matching_loss(S.flow_matching(), v, x0, eps)
+    if not frame_diff_weight:
+      return fm, {}
+    fd = losses.frame_difference_loss(v, x0, eps)
+    return fm + frame_diff_weight * fd, {"fm_loss": fm, "frame_diff_loss": fd}
 
   def step(params, ema, opt, batch, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch["image"], batch["label"], key)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch["image"], batch["label"], key)
     updates, opt = tx.update(grads, opt, params)
     params = optax.apply_updates(params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    return params, ema, opt, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return params, ema, opt, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
   return step
 
@@ -206,8 +214,12 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
     raise ValueError(f"config.train.num_steps={tr.num_steps} / train.warmup_steps="
                      f"{tr.warmup_steps}: need 0 <= warmup_steps < num_steps, or num_steps=0 "
                      "(evaluate train.init_from as it is, e.g. under another prior)")
-  os.makedirs(workdir, exist_ok=True)
   cfg = dit_config(config.model)
+  fdw = tr.get("frame_diff_weight", 0.0)
+  if fdw < 0 or (fdw and not cfg.video):
+    raise ValueError(f"config.train.frame_diff_weight={fdw}: needs >= 0, and > 0 only for a "
+                     "video model (model.frames > 1)")
+  os.makedirs(workdir, exist_ok=True)
   net, params = models.build_dit(cfg, config.seed)
   if tr.get("init_from"):        # image -> video inflation from a trained image DiT
     params = inflate_from(tr.init_from, cfg, params)
@@ -221,7 +233,8 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   step_fn = jax.jit(make_train_step(net.apply, tx, num_classes=cfg.num_classes,
                                     p_uncond=tr.p_uncond, shift=tr.t_shift,
                                     ema_decay=tr.ema_decay,
-                                    noise_frame_corr=cfg.noise_frame_corr),
+                                    noise_frame_corr=cfg.noise_frame_corr,
+                                    frame_diff_weight=fdw),
                     donate_argnums=(0, 1, 2))
   it, x_key = make_iterator(config, cfg)
   mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),

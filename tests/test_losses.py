@@ -283,6 +283,26 @@ class FakeLossTest(parameterized.TestCase):
     self.assertAlmostEqual(float(losses.flow_matching_loss(FM, psi, x0, eps)),
                            float(_fake_loss(psi, w, sc, tg)), places=5)
 
+  def test_frame_difference_loss(self):
+    """Zero for an error every frame shares (however large); 4c^2 for a sign-alternating one;
+    2x Eq. 4 in expectation for errors independent across frames."""
+    x0, eps = _rand(16, (4, 6, 5, 5, 1)), _rand(17, (4, 6, 5, 5, 1))
+    v = eps - x0
+    shared = jnp.broadcast_to(_rand(18, (4, 1, 5, 5, 1)), v.shape)
+    self.assertGreater(float(losses.flow_matching_loss(FM, v + shared, x0, eps)), 0.5)
+    self.assertAlmostEqual(float(losses.frame_difference_loss(v + shared, x0, eps)), 0.0,
+                           places=6)
+    c = 0.3 * (-1.0) ** jnp.arange(6)[None, :, None, None, None]
+    self.assertAlmostEqual(float(losses.frame_difference_loss(v + c, x0, eps)), 4 * 0.09,
+                           places=5)
+    iid = 0.5 * _rand(19, (64, 6, 5, 5, 1))
+    x0b, epsb = _rand(20, iid.shape), _rand(21, iid.shape)
+    fd = float(losses.frame_difference_loss(epsb - x0b + iid, x0b, epsb))
+    self.assertAlmostEqual(fd / float(losses.flow_matching_loss(FM, epsb - x0b + iid, x0b, epsb)),
+                           2.0, delta=0.1)
+    with self.assertRaisesRegex(ValueError, "needs clips"):
+      losses.frame_difference_loss(v[:, 0, 0, 0], x0[:, 0, 0, 0], eps[:, 0, 0, 0])
+
 
 # ---------------------------------------------------------------------------------------------
 # Item 5: the Gaussian optimum, in closed form and by exact least squares

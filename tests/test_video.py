@@ -109,3 +109,31 @@ def test_shipped_video_teacher_reproduces_its_card():
   assert card["metrics"]["std_flow"] >= 0.5 * real["std_flow"]
   # less flicker than the first shipped teacher (v1, kept in the card), though still above real
   assert card["metrics"]["warp_error"] < 0.75 * card["previous"]["metrics"]["warp_error"]
+
+
+def test_frame_difference_term_keeps_the_teachers_minimiser():
+  """train.frame_diff_weight adds a term whose minimiser is Eq. 4's (the conditional mean):
+  a per-frame bias psi = b, trained with and without it, ends at E[eps - x0] = -mean(x0) per
+  frame; and the term is refused for an image model before anything is written."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 3, 2, 2, 1)), jnp.float32)
+  x0 = jnp.tile(x0, (64, 1, 1, 1, 1))   # 256 clips, 4 distinct: E[x0] per frame is exact
+  want = -np.asarray(x0.mean(0))
+  tx = optax.adam(0.02)
+  for w in (0.0, 3.0):
+    step = jax.jit(teacher_training.make_train_step(
+        lambda p, x, t, y: jnp.broadcast_to(p["b"], x.shape), tx, num_classes=10,
+        p_uncond=0.1, shift=3.0, ema_decay=0.98, frame_diff_weight=w))
+    params = {"b": jnp.zeros(x0.shape[1:])}
+    ema, opt = params, tx.init(params)
+    for i in range(600):
+      params, ema, opt, m = step(params, ema, opt, {"image": x0, "label": jnp.zeros(256, int)},
+                                 jax.random.PRNGKey(i))
+    assert ("frame_diff_loss" in m) == bool(w)
+    np.testing.assert_allclose(np.asarray(ema["b"]), want, atol=0.03)
+  tc = _config("mnist_teacher", "runlocal")
+  tc.train.frame_diff_weight = 1.0
+  with pytest.raises(ValueError, match="train.frame_diff_weight=1.0.*video model"):
+    teacher_training.train_teacher(tc, "/nonexistent/never_written", verbose=False)
