@@ -142,6 +142,10 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   trained 1,500 more steps at w = 6 (25 min alone): warp error 0.018, frame accuracy 0.92,
   speed std 0.61, mean flow 0.97, dynamic degree 0.72, FD to real clips 106
   (docs/results/video_teacher_fd6_card.json): nearer the 0.016 bar, now slower than the data.
+  The control, the same 1,500 steps at w = 2 (seed 2, 25 min alone): warp error 0.019, frame
+  accuracy 0.93, speed std 0.62, mean flow 1.04, dynamic degree 0.78 (the data's), FD to real
+  clips 106 (docs/results/video_teacher_fd2x2_card.json): the steps under the term do most of
+  it, the weight the rest.
     python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_fd2 --config.seed=1 \
       --config.train.frame_diff_weight=2 --config.train.init_from=assets/video_teacher \
       --config.train.num_steps=2000 --config.train.lr=3e-4 --config.train.warmup_steps=100 \
