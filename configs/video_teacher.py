@@ -163,7 +163,8 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   decide the digit's shape while no frame shows it.
 
 The result is written to assets/video_teacher (EMA weights + card with the settings, wall time
-and metrics incl. optical flow; v1's settings and metrics under "previous"). To train (resumes):
+and metrics incl. optical flow; the teacher it replaces, with its own history, under "previous":
+``teacher_training.lineage``). To train (resumes):
 
   python main.py --config=configs/video_teacher.py --workdir=/tmp/video_teacher
 

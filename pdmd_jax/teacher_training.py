@@ -198,6 +198,33 @@ def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
   return dit_lib.inflate(iparams, cfg, params)
 
 
+# What a card's "previous" keeps of the teacher it replaced (with that one's own "previous").
+LINEAGE_KEYS = ("version", "note", "model", "train", "steps", "eval", "metrics", "check",
+                "previous")
+RUN_KEYS = ("data", "model", "train", "seed", "steps")    # equal: the same training run
+
+
+def lineage(out_dir: str, card: dict) -> dict:
+  """{"version", "previous"} of a new teacher card about to be written to ``out_dir``.
+
+  A teacher trained into the directory of an earlier one replaces it as the next version and
+  keeps its summary under "previous" (LINEAGE_KEYS, nested: the whole history), so a card
+  always compares a teacher with the one it replaced. A card of the same run (RUN_KEYS equal:
+  resumed or re-evaluated) or one whose evaluation never finished (metrics None) is not an
+  earlier teacher: its version and history are kept as they are.
+  """
+  if not os.path.exists(os.path.join(out_dir, "card.json")):
+    return {"version": 1}
+  old = assets.load_card(out_dir)
+  as_json = lambda d: json.loads(json.dumps({k: d.get(k) for k in RUN_KEYS}, default=float))
+  if old.get("metrics") is None or as_json(old) == as_json(card):
+    return {"version": old.get("version", 1),
+            **({"previous": old["previous"]} if "previous" in old else {})}
+  prev = {k: old[k] for k in LINEAGE_KEYS if k in old}
+  prev["version"] = old.get("version", 1)
+  return {"version": prev["version"] + 1, "previous": prev}
+
+
 def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   """Trains the DiT teacher of ``config``; writes the EMA weights + card to config.out_dir."""
   src = tfds_source(config)
@@ -295,6 +322,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
       "train_wall_time_s_this_session": round(wall, 1),
       "weights": "EMA of the training weights", "eval": dict(config.eval), "metrics": None,
   }
+  card.update(lineage(config.out_dir, card))
   assets.save(config.out_dir, ema, card)          # the weights first: evaluation may be rerun
   metrics, x = evaluate_teacher(net.apply, ema, cfg, config.eval, data)
   card["metrics"] = metrics

@@ -1,5 +1,6 @@
 """The shipped MNIST teacher: loads, matches its card, and reproduces its recorded metrics."""
 
+import json
 import os
 
 import jax
@@ -70,3 +71,23 @@ def test_cards_record_repository_paths_relative():
   assert assets.portable(assets.path("mnist_teacher")) == os.path.join("assets", "mnist_teacher")
   assert assets.portable("/elsewhere/teacher") == "/elsewhere/teacher"
   assert assets.portable("") == ""
+
+
+def test_a_retrained_teacher_keeps_the_one_it_replaced_in_its_card(tmp_path):
+  """Training into the directory of an earlier teacher makes the next version, with the earlier
+  one's run and metrics under "previous"; resuming or re-evaluating the same run does not."""
+  c = configs.load("configs/mnist_teacher.py:runlocal")
+  c.out_dir = str(tmp_path / "teacher")
+  first = teacher_training.train_teacher(c, str(tmp_path / "w1"), verbose=False)
+  assert first["version"] == 1 and "previous" not in first
+  again = teacher_training.train_teacher(c, str(tmp_path / "w1"), verbose=False)  # resumed: done
+  assert again["version"] == 1 and "previous" not in again
+  c.seed = 1
+  second = teacher_training.train_teacher(c, str(tmp_path / "w2"), verbose=False)
+  assert second["version"] == 2 and second["previous"]["version"] == 1
+  assert second["previous"]["metrics"] == first["metrics"]
+  assert second["previous"]["train"] == first["train"]
+  c.train.lr *= 2
+  third = teacher_training.train_teacher(c, str(tmp_path / "w3"), verbose=False)
+  assert third["version"] == 3 and third["previous"]["previous"]["metrics"] == first["metrics"]
+  assert assets.load_card(c.out_dir) == json.loads(json.dumps(third, default=float))
