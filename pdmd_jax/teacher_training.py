@@ -273,7 +273,11 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
         state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
         data=ocp.args.JsonRestore()))
     state = r.state
-    it.set_state(r.data)
+    # {"iterator", "train_wall_time_s"}; checkpoints before the wall time hold the iterator only
+    it.set_state(r.data["iterator"] if "iterator" in r.data else r.data)
+    wall_before = float(r.data.get("train_wall_time_s", 0.0)) if "iterator" in r.data else 0.0
+  else:
+    wall_before = 0.0
   step = int(state["step"])
   params, ema, opt = state["params"], state["ema"], state["opt"]
   key = jax.random.PRNGKey(config.seed + 1)
@@ -281,7 +285,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="teacher", disable=not verbose)
   from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  metrics = None
+  metrics, wall = None, wall_before
   while step < tr.num_steps:
     batch = next(it)
     batch = {"image": jnp.asarray(batch[x_key]), "label": jnp.asarray(batch["label"])}
@@ -296,15 +300,16 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
     step += 1
     bar.update(1)
     if step % tr.ckpt_every == 0 or step == tr.num_steps:
+      wall = wall_before + time.time() - t0       # summed over the sessions of a resumed run
       mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave({"params": params, "ema": ema, "opt": opt,
                                        "step": jnp.int32(step)}),
-          data=ocp.args.JsonSave(it.get_state())))
+          data=ocp.args.JsonSave({"iterator": it.get_state(),
+                                  "train_wall_time_s": wall})))
   bar.close()
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  wall = time.time() - t0
   ema = jax.device_get(ema)
   data = data_kwargs(config)
   card = {
@@ -319,7 +324,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
       "num_params": int(sum(v.size for v in jax.tree.leaves(ema))),
       "train": {**dict(tr), "init_from": assets.portable(tr.get("init_from", ""))},
       "seed": config.seed, "steps": step,
-      "train_wall_time_s_this_session": round(wall, 1),
+      "train_wall_time_s": round(wall, 1),
       "weights": "EMA of the training weights", "eval": dict(config.eval), "metrics": None,
   }
   card.update(lineage(config.out_dir, card))

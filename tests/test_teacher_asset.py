@@ -82,6 +82,8 @@ def test_a_retrained_teacher_keeps_the_one_it_replaced_in_its_card(tmp_path):
   assert first["version"] == 1 and "previous" not in first
   again = teacher_training.train_teacher(c, str(tmp_path / "w1"), verbose=False)  # resumed: done
   assert again["version"] == 1 and "previous" not in again
+  # the wall time is the run's, summed over sessions: resuming at the last step adds nothing
+  assert again["train_wall_time_s"] == first["train_wall_time_s"] > 0
   c.seed = 1
   second = teacher_training.train_teacher(c, str(tmp_path / "w2"), verbose=False)
   assert second["version"] == 2 and second["previous"]["version"] == 1
