@@ -224,7 +224,7 @@ def test_divided_layout_inflates_to_the_image_dit_on_any_clip():
 
 def _token_dependence(apply, params, h, c, token):
   """|d out[token] / d h[j]| summed over features, per input token j ([tokens])."""
-  g = jax.grad(lambda h: jnp.sum(apply(params, h, c)[0, token] ** 2))(h)
+  g = jax.jit(jax.grad(lambda h, params: jnp.sum(apply(params, h, c)[0, token] ** 2)))(h, params)
   return np.asarray(jnp.abs(g[0]).sum(-1))
 
 
