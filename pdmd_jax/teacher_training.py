@@ -274,8 +274,9 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
         data=ocp.args.JsonRestore()))
     state = r.state
     # {"iterator", "train_wall_time_s"}; checkpoints before the wall time hold the iterator only
-    it.set_state(r.data["iterator"] if "iterator" in r.data else r.data)
-    wall_before = float(r.data.get("train_wall_time_s", 0.0)) if "iterator" in r.data else 0.0
+    data = r.data if "iterator" in r.data else {"iterator": r.data}
+    it.set_state(data["iterator"])
+    wall_before = float(data.get("train_wall_time_s", 0.0))
   else:
     wall_before = 0.0
   step = int(state["step"])
