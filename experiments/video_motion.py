@@ -66,7 +66,8 @@ _BY_PHASE = flags.DEFINE_bool("by_phase", True, "Attribute the first seed's moti
 _CACHED = flags.DEFINE_bool("cached_only", False, "Only tabulate runs already in --workroot "
                             "(e.g. after an interrupted sweep); missing runs are skipped.")
 _SET = flags.DEFINE_list("set", [], "Config overrides of every row, e.g. generator.lr=1e-4 (each "
-                         "value takes the type of the field it replaces); part of a run's key.")
+                         "value takes the type of the field it replaces; a tuple as "
+                         "train.phase_steps=90:30); part of a run's key.")
 _PRIOR = flags.DEFINE_list("prior", [], "video.json files of earlier sweeps: their runs (same row, "
                            "seed, --steps, --batch, --eval_samples and teacher) count as cached.")
 
@@ -131,7 +132,12 @@ def _overrides():
       raise app.UsageError(f"--set {item!r}: no config field {key!r}") from None
     if not sep or isinstance(old, (dict, type(base))):
       raise app.UsageError(f"--set {item!r}: expected field=value for a leaf field")
-    out[key] = value in ("1", "true", "True") if isinstance(old, bool) else type(old)(value)
+    if isinstance(old, bool):
+      out[key] = value in ("1", "true", "True")
+    elif isinstance(old, tuple):        # a tuple of ints as "90:30" (--set splits on commas)
+      out[key] = tuple(int(v) for v in value.split(":") if v)
+    else:
+      out[key] = type(old)(value)
   return out
 
 
@@ -144,6 +150,8 @@ def _run_key(config, steps, seed):
          "teacher": assets.fingerprint(_teacher_dir())}
   config = copy.deepcopy(config)
   config.teacher.path = ""                         # machine-dependent; the fingerprint is above
+  if not config.train.phase_steps:                 # added later: at its default, runs recorded
+    del config.train["phase_steps"]                #   before it keep their hash
   key["config"] = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
   return {**key, "set": _overrides()} if _overrides() else key
 

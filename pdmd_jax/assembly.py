@@ -63,12 +63,20 @@ class Assembly:
     """(rows, batch): row i conditions fake update i, the last row the generator update."""
     return (self.config.fake.ttur + 1, self.config.train.batch_size)
 
+  @property
+  def phase_starts(self) -> tuple[int, ...]:
+    """Progressive order: the first update of each phase, then train.num_steps (K + 1 values);
+    train.phase_steps sets each phase's budget, () an equal split."""
+    total, n = self.config.train.num_steps, self.plan.num_phases
+    budget = tuple(self.config.train.get("phase_steps", ())) or (total // n,) * n
+    return tuple(int(s) for s in np.cumsum((0,) + budget))
+
   def phase_of(self, step: int) -> int:
     """The phase that generator update ``step`` trains (steps past the end: the last phase)."""
     n = self.plan.num_phases
     if self.plan.order == "interleaved":
       return step % n
-    return min(step // (self.config.train.num_steps // n), n - 1)
+    return min(int(np.searchsorted(self.phase_starts, step, side="right")) - 1, n - 1)
 
   def layout_phase(self, step: int) -> int:
     """The phase whose layout the state has after ``step`` updates (the one update ``step`` trains)."""

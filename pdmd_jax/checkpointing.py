@@ -137,8 +137,10 @@ def _put(value, like):
 # Fields that fix the state's layout and the phase plan: a checkpoint resumes only a run that
 # agrees on all of them (optimiser settings, evaluation and logging may change on resume).
 PLAN_FIELDS = ("method", "num_steps", "num_phases", "shift", "grid_times", "phase_order",
-               "schedule", "teacher.type", "train.num_steps", "generator.lora_rank",
-               "fake.lora_rank", "generator.ema_decay", "gan.enabled")
+               "schedule", "teacher.type", "train.num_steps", "train.phase_steps",
+               "generator.lora_rank", "fake.lora_rank", "generator.ema_decay", "gan.enabled")
+# Plan fields added after checkpoints were written: a config without one has this value.
+_DEFAULTS = {"train.phase_steps": []}
 
 
 def check_resumable(saved: dict, config, where: str) -> None:
@@ -146,7 +148,7 @@ def check_resumable(saved: dict, config, where: str) -> None:
   def get(tree, dotted):
     for part in dotted.split("."):
       if not isinstance(tree, dict) or part not in tree:
-        return None
+        return _DEFAULTS.get(dotted)
       tree = tree[part]
     return list(tree) if isinstance(tree, (list, tuple)) else tree
 

@@ -165,7 +165,8 @@ def train(batch_size: int, num_steps: int, *, log_every: int, ckpt_every: int,
           max_to_keep: int = 2):
   c = ml_collections.ConfigDict()
   c.batch_size = batch_size                # global batch
-  c.num_steps = num_steps                  # generator updates over all phases (split evenly)
+  c.num_steps = num_steps                  # generator updates over all phases
+  c.phase_steps = ()                       # progressive: updates of each phase (sum num_steps); () = even
   c.log_every = log_every                  # steps between metric writes
   c.ckpt_every = ckpt_every                # steps between checkpoints (and at each phase end)
   c.max_to_keep = max_to_keep

@@ -58,10 +58,6 @@ class Run:
   sample_shape = property(lambda self: tuple(self.asm.family.sample_shape))
   num_classes = property(lambda self: self.asm.family.num_classes)
 
-  @property
-  def steps_per_phase(self) -> int:
-    return self.config.train.num_steps // self.plan.num_phases
-
   def phase_of(self, step: int) -> int:
     return self.asm.phase_of(step)
 
@@ -141,6 +137,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
   compiled, memory = compile_phase_steps(run)
   start_phase = run.asm.start_phase()
   total = config.train.num_steps
+  progressive, starts = run.plan.order == "progressive", run.asm.phase_starts
   end = total if stop_at_step is None else min(stop_at_step, total)
   writer = _writer(workdir)
   step = int(jax.device_get(state.step))
@@ -162,11 +159,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
     stop_signal.install()
     while step < end:
       k = run.phase_of(step)
-      if bar is None or (run.plan.order == "progressive" and step % run.steps_per_phase == 0):
+      if bar is None or (progressive and step == starts[k]):
         if bar is not None:
           bar.close()
-        lo = (step // run.steps_per_phase) * run.steps_per_phase if run.plan.order == "progressive" else 0
-        hi = lo + run.steps_per_phase if run.plan.order == "progressive" else total
+        lo, hi = (starts[k], starts[k + 1]) if progressive else (0, total)
         bar = tqdm.tqdm(total=hi - lo, initial=step - lo, disable=not verbose, leave=True,
                         desc=f"phase {k + 1}/{run.plan.num_phases}" if run.plan.order == "progressive"
                         else "interleaved phases", dynamic_ncols=True)
@@ -178,7 +174,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
       times.append(time.perf_counter() - t0)
       step += 1
       bar.update(1)
-      phase_end = run.plan.order == "progressive" and step % run.steps_per_phase == 0
+      phase_end = progressive and step == starts[k + 1]
       if phase_end and step < total:   # the next phase's layout; expert k is written once
         _drain(pending, writer, tally, config.train.log_every)
         if config.train.keep_finished_fakes:

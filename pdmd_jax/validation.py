@@ -145,8 +145,18 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
   if ts.phase1_floor is not None and not 0.0 < ts.phase1_floor < ts.t_max:
     fail("t_sampler.phase1_floor", ts.phase1_floor, f"None or a value in (0, t_max={ts.t_max})")
 
-  if config.train.num_steps % k:
-    fail("train.num_steps", config.train.num_steps, f"a multiple of num_phases={k} (equal budget per phase)")
+  budget = tuple(config.train.get("phase_steps", ()))
+  if budget:
+    if config.phase_order != "progressive":
+      fail("train.phase_steps", budget, "() with phase_order='interleaved' (phases alternate "
+           "per update)")
+    if (len(budget) != k or not all(isinstance(b, int) and b >= 1 for b in budget)
+        or sum(budget) != config.train.num_steps):
+      fail("train.phase_steps", budget, f"() (an even split) or {k} integers >= 1, one per "
+           f"phase, summing to train.num_steps={config.train.num_steps}")
+  elif config.train.num_steps % k:
+    fail("train.num_steps", config.train.num_steps, f"a multiple of num_phases={k} (an even "
+         "split; or set train.phase_steps)")
   unknown = sorted(set(config.mesh.keys()) - {"data", "fsdp", "tensor", "context"})
   if unknown:
     fail("mesh", dict(config.mesh), "axes among data, fsdp, tensor, context (unknown: "

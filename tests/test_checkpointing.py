@@ -9,6 +9,7 @@ import chex
 import jax
 import pytest
 
+from pdmd_jax import checkpointing
 from pdmd_jax import trainer
 
 
@@ -101,6 +102,37 @@ def test_resume_is_bit_identical(gmm_config, tmp_path, monkeypatch):
   _, sc = trainer.restore_latest(config, b, dev)
   assert int(sc.step) == 8
   chex.assert_trees_all_equal(jax.device_get(sc), sb, strict=True)
+
+
+def test_uneven_phase_budget_ends_phase_one_where_it_says(gmm_config, tmp_path):
+  """train.phase_steps = (3, 5): phase 1 ends after update 3 (an even split would end it at
+  4): expert 1 is written to checkpoints_frozen and step 3's checkpoint holds phase 2's trees;
+  the resumed run goes on in phase 2. A checkpoint refuses another budget; one written before
+  the field existed resumes the even split."""
+  config = _config(gmm_config)
+  config.train.phase_steps = (3, 5)
+  dev, w = jax.devices()[:1], str(tmp_path / "uneven")
+  out = trainer.train_and_evaluate(config, w, devices=dev, stop_at_step=3, final_eval=False,
+                                   evaluate_phases=False, verbose=False)
+  assert out == {"stopped_at_step": 3} and _saved_steps(w) == [2, 3]
+  assert os.path.isdir(os.path.join(w, "checkpoints_frozen", "expert_0"))
+  assert os.path.isdir(os.path.join(w, "checkpoints", "3", "expert_1"))
+  assert not os.path.exists(os.path.join(w, "checkpoints", "3", "expert_0"))
+  run = trainer.build(config, None, devices=dev)
+  assert run.asm.phase_starts == (0, 3, 8)
+  assert [run.phase_of(s) for s in range(9)] == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+  even = config.copy_and_resolve_references()
+  even.train.phase_steps = ()
+  with pytest.raises(ValueError, match=r"train.phase_steps=\[\] \(checkpoint: \[3, 5\]\)"):
+    trainer.train_and_evaluate(even, w, devices=dev, final_eval=False, verbose=False)
+  old = even.to_dict()
+  del old["train"]["phase_steps"]
+  checkpointing.check_resumable(old, even, w)      # written before the field: an even split
+  out = trainer.train_and_evaluate(config, w, devices=dev, stop_at_step=5, final_eval=False,
+                                   evaluate_phases=False, verbose=False)
+  assert out == {"stopped_at_step": 5}
+  _, state = trainer.restore_latest(config, w, dev)
+  assert int(state.step) == 5 and state.fakes[0] is None and state.experts[1] is not None
 
 
 def test_non_finite_stops_with_step_and_metric(gmm_config, tmp_path):

@@ -42,6 +42,11 @@ BAD = [
     ({"phase_order": "random"}, "phase_order.*progressive"),
     ({"t_sampler.floor_mode": "wrap"}, "floor_mode.*clamp"),
     ({"train.num_steps": 10}, "train.num_steps=10.*multiple of num_phases=4"),
+    ({"train.phase_steps": (4, 4)}, "train.phase_steps=\\(4, 4\\).*4 integers >= 1.*summing to "
+     "train.num_steps=8"),
+    ({"train.phase_steps": (2, 2, 2, 1)}, "train.phase_steps.*summing to train.num_steps=8"),
+    ({"train.phase_steps": (2, 2, 2, 2), "phase_order": "interleaved"},
+     "train.phase_steps.*\\(\\) with phase_order='interleaved'"),
     ({"generator.lr": -1.0}, "generator.lr=-1.0.*> 0"),
     ({"generator.b1": 1.0}, "generator.b1.*\\[0, 1\\)"),
     ({"shift": 0.0}, "shift=0.0.*> 0"),

@@ -102,12 +102,17 @@ def test_data2_fsdp4_matches_single_device(gmm_config, variant):
 
 
 @pytest.mark.parametrize("order,expected", [("progressive", [0, 0, 1, 1, 2, 2, 3, 3]),
-                                            ("interleaved", [0, 1, 2, 3, 0, 1, 2, 3])])
+                                            ("interleaved", [0, 1, 2, 3, 0, 1, 2, 3]),
+                                            ((1, 3, 2, 2), [0, 1, 1, 1, 2, 2, 3, 3])])
 def test_phase_order(gmm_config, order, expected):
-  """progressive: phase k after phase k-1 (the paper); interleaved: alternate per update."""
+  """progressive: phase k after phase k-1 (the paper), an even split or train.phase_steps;
+  interleaved: alternate per update."""
   config = gmm_config("runlocal")
   config.init_fit.steps = 1
-  config.phase_order = order
+  if isinstance(order, tuple):
+    config.train.phase_steps = order
+  else:
+    config.phase_order = order
   run = trainer.build(config, None, devices=jax.devices()[:1])
   assert [run.phase_of(s) for s in range(8)] == expected
 
