@@ -74,7 +74,8 @@ def main(argv):
     print(f"Workdir error: {e}", file=sys.stderr)
     sys.exit(2)
   if _MODE.value == "train":
-    out = trainer.train_and_evaluate(config, workdir)
+    out = trainer.train_and_evaluate(config, workdir,
+                                     evaluate_phases=config.eval.get("every_phase", True))
     if out.get("preempted"):     # SIGTERM / SIGINT: the step in flight was saved; exit 0
       print(f"Preempted ({out['preempted']}) at step {out['stopped_at_step']}: checkpoint "
             f"saved under {workdir}; the same command resumes.", file=sys.stderr)

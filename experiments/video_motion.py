@@ -141,6 +141,10 @@ def _overrides():
   return out
 
 
+# Config fields added after sweeps were recorded, with their defaults (left out of the hash).
+_ADDED_LATER = {"train.phase_steps": (), "eval.every_phase": True}
+
+
 def _run_key(config, steps, seed):
   """What makes two runs of a row the same run (stored in each run's record as "run"): the
   budget, the teacher's card and a hash of the whole run config (so a changed default, e.g. the
@@ -150,8 +154,11 @@ def _run_key(config, steps, seed):
          "teacher": assets.fingerprint(_teacher_dir())}
   config = copy.deepcopy(config)
   config.teacher.path = ""                         # machine-dependent; the fingerprint is above
-  if not config.train.phase_steps:                 # added later: at its default, runs recorded
-    del config.train["phase_steps"]                #   before it keep their hash
+  for dotted, default in _ADDED_LATER.items():     # at its default, a field added after runs
+    *parent, leaf = dotted.split(".")              #   were recorded keeps their hash
+    node = functools.reduce(lambda n, k: n[k], parent, config)
+    if leaf in node and node[leaf] == default:
+      del node[leaf]
   key["config"] = hashlib.sha1(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
   return {**key, "set": _overrides()} if _overrides() else key
 

@@ -204,6 +204,7 @@ def evaluation(num_samples: int, teacher_substeps: int, seed: int = 1234, **extr
   c.teacher_substeps = teacher_substeps    # Euler sub-steps per grid interval (teacher reference)
   c.seed = seed
   c.ema = True                             # sample with the experts' EMA when generator.ema_decay > 0
+  c.every_phase = True                     # main.py: also evaluate when each progressive phase ends
   for k, v in extra.items():
     c[k] = v
   return c

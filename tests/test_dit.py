@@ -285,12 +285,13 @@ def test_extend_appends_blocks_as_the_identity():
   t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
   want = net.apply(p, x, t, y)
   np.testing.assert_array_equal(net2.apply(p2, x, t, y), want)
+  apply2 = jax.jit(net2.apply)
+  g = jax.jit(jax.grad(lambda q: jnp.sum(apply2(q, x, t, y) ** 2)))(p2)
   for i in (cfg.depth, cfg.depth + 1):
-    g = jax.grad(lambda q: jnp.sum(net2.apply(q, x, t, y) ** 2))(p2)
     assert float(jnp.abs(g["blocks"][i]["ada"]["kernel"]).max()) > 0   # the gates get gradient
     q = {**p2, "blocks": {**p2["blocks"], i: {**p2["blocks"][i], "ada": _perturbed(
         p2["blocks"][i]["ada"], seed=7)}}}
-    assert float(jnp.abs(net2.apply(q, x, t, y) - want).max()) > 1e-3
+    assert float(jnp.abs(apply2(q, x, t, y) - want).max()) > 1e-3
   with pytest.raises(ValueError, match="the new DiT has no place for"):
     dit.extend(p2, cfg, models.build_dit(cfg)[1])
 
@@ -308,12 +309,13 @@ def test_temporal_modulation_extends_exactly_and_is_live():
   t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
   want = net.apply(p, x, t, y)
   np.testing.assert_array_equal(net2.apply(p2, x, t, y), want)
-  g = jax.grad(lambda q: jnp.sum(net2.apply(q, x, t, y) ** 2))(p2)
+  apply2 = jax.jit(net2.apply)
+  g = jax.jit(jax.grad(lambda q: jnp.sum(apply2(q, x, t, y) ** 2)))(p2)
   for i in range(cfg.depth):
     assert float(jnp.abs(g["blocks"][i]["ada_t"]["kernel"]).max()) > 0
     q = {**p2, "blocks": {**p2["blocks"], i: {**p2["blocks"][i], "ada_t": _perturbed(
         p2["blocks"][i]["ada_t"], seed=7)}}}
-    assert float(jnp.abs(net2.apply(q, x, t, y) - want).max()) > 1e-3
+    assert float(jnp.abs(apply2(q, x, t, y) - want).max()) > 1e-3
   with pytest.raises(ValueError, match="temporal_ada=True needs a video DiT"):
     models.build_dit(dit.config_for("tiny", temporal_ada=True))
 
@@ -329,11 +331,12 @@ def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
   p2 = teacher_training.inflate_from(directory, cfg2, p2)
   x = jax.random.normal(jax.random.PRNGKey(0), (1,) + cfg.sample_shape)
   t, y = jnp.array([0.6]), jnp.array([3])
-  np.testing.assert_array_equal(net2.apply(p2, x, t, y), net.apply(params, x, t, y))
+  want = jax.jit(net.apply)(params, x, t, y)
+  np.testing.assert_array_equal(jax.jit(net2.apply)(p2, x, t, y), want)
   cfg3 = dataclasses.replace(cfg, depth=cfg.depth + 2)       # model.depth: appended blocks
   net3, p3 = models.build_dit(cfg3, seed=1)
   p3 = teacher_training.inflate_from(directory, cfg3, p3)
-  np.testing.assert_array_equal(net3.apply(p3, x, t, y), net.apply(params, x, t, y))
+  np.testing.assert_array_equal(jax.jit(net3.apply)(p3, x, t, y), want)
   shallow = dataclasses.replace(cfg, depth=cfg.depth - 1)
   with pytest.raises(ValueError, match=f"depth: {cfg.depth} vs {cfg.depth - 1}"):
     teacher_training.inflate_from(directory, shallow, models.build_dit(shallow)[1])

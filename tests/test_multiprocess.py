@@ -39,22 +39,22 @@ def _env(tmp_path):
 @pytest.mark.long
 def test_two_processes_equal_one(tmp_path):
   w2, w1 = str(tmp_path / "p2"), str(tmp_path / "p1")
+  config = configs.load(SPEC)
+  assert jax.device_count() == 8
+  one = trainer.train_and_evaluate(config, w1, evaluate_phases=False, verbose=False)
+  os.makedirs(w2)       # the mixture fit is deterministic: the 2 processes reuse this run's
+  shutil.copy(os.path.join(w1, "teacher_fit.msgpack"), w2)
   r = subprocess.run([sys.executable, "-m", "pdmd_jax.launch", "--num_processes=2",
                       "--cpu_devices=4", f"--logdir={tmp_path / 'logs'}", "--",
                       os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, SPEC)}",
-                      f"--workdir={w2}"], env=_env(tmp_path), cwd=ROOT, capture_output=True,
-                     text=True, timeout=600)
+                      f"--workdir={w2}", "--config.eval.every_phase=False"],
+                     env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "| distilled (few-step) |" in r.stdout                      # process 0's table
   log1 = open(tmp_path / "logs" / "process_1.log").read()
   assert "| distilled" not in log1 and "phase 1/2" not in log1       # process 1 stays quiet
   assert len(glob.glob(os.path.join(w2, "tensorboard", "*"))) == 1   # one writer
-
-  config = configs.load(SPEC)
-  assert jax.device_count() == 8
-  os.makedirs(w1)       # the mixture fit is deterministic: reuse the 2-process run's cache
-  shutil.copy(os.path.join(w2, "teacher_fit.msgpack"), w1)
-  one = trainer.train_and_evaluate(config, w1, evaluate_phases=False, verbose=False)
+  assert not os.path.exists(os.path.join(w2, "metrics_phase1.md"))  # eval.every_phase=False
   two = json.load(open(os.path.join(w2, "metrics.json")))
   keys = [k for k, v in one.items() if k.startswith(("student/", "boundary_"))
           and isinstance(v, float)]
