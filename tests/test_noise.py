@@ -100,16 +100,18 @@ def test_dit_family_runs_in_whitened_coordinates_and_decodes_to_pixels():
   p = fam.teacher_params
   x = jax.random.normal(jax.random.PRNGKey(0), (2,) + arch.sample_shape)
   t, y = jnp.array([0.3, 0.8]), jnp.array([0, 1])
-  np.testing.assert_allclose(fam.apply(p, noise.whiten(x, 0.5), t, y),
-                             noise.whiten(net.apply(p, x, t, y), 0.5), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(fam.apply)(p, noise.whiten(x, 0.5), t, y),
+                             noise.whiten(jax.jit(net.apply)(p, x, t, y), 0.5), atol=1e-5)
   np.testing.assert_allclose(families.decode(fam, noise.whiten(x, 0.5)), x, atol=1e-5)
   # the many-step teacher sampler in whitened coordinates, decoded, is the pixel sampler started
   # from the colored noise (Euler commutes with the linear change of coordinates)
   times = np.asarray(S.grid(6, 3.0), np.float32)
   xi = jax.random.normal(jax.random.PRNGKey(1), x.shape)
-  got = families.decode(fam, sampling.euler(fam.teacher, p, times, xi, y)[-1])
+  got = jax.jit(lambda p, z: families.decode(fam, sampling.euler(fam.teacher, p, times, z, y)[-1]))(
+      p, xi)
   pixel_teacher = dataclasses.replace(fam.teacher, apply=net.apply)
-  want = sampling.euler(pixel_teacher, p, times, noise.color(xi, 0.5), y)[-1]
+  want = jax.jit(lambda p, z: sampling.euler(pixel_teacher, p, times, noise.color(z, 0.5), y)[-1])(
+      p, xi)
   chex.assert_tree_all_finite(got)
   np.testing.assert_allclose(got, want, atol=1e-4)
   # an i.i.d. teacher has no decode
@@ -131,11 +133,11 @@ def test_distillation_of_a_correlated_video_teacher(tmp_path):
   assert run.family.decode is not None
   xi = jax.random.normal(jax.random.PRNGKey(1), (4,) + run.sample_shape)
   y = jnp.array([0, 1, 2, 0])
-  few = families.decode(run.family, sampling.few_step_sample(
-      run.plan, run.experts_apply(), state.experts, xi, y)[-1])
+  few = jax.jit(lambda experts, z: families.decode(run.family, sampling.few_step_sample(
+      run.plan, run.experts_apply(), experts, z, y)[-1]))(state.experts, xi)
   net, _ = models.abstract_dit(cfg)
-  plain = sampling.few_step_sample(run.plan, net.apply, (params,) * run.plan.num_phases,
-                                   noise.color(xi, 0.6), y)[-1]
+  plain = jax.jit(lambda p, z: sampling.few_step_sample(
+      run.plan, net.apply, (p,) * run.plan.num_phases, noise.color(z, 0.6), y)[-1])(params, xi)
   np.testing.assert_allclose(few, plain, atol=1e-4)
   new, metrics = run.asm.jit_step(0)(state, run.teacher_params, trainer.batch_for_step(run, 0))
   chex.assert_tree_all_finite((new, metrics))
