@@ -83,6 +83,7 @@ def sample(apply, params, cfg: dit_lib.DiTConfig, labels, *, steps: int, shift: 
   run = jax.jit(lambda p, z, y: sampling.euler(teacher, p, times, z, y)[-1])
 
   labels = np.asarray(labels)
+  batch_size = min(batch_size, len(labels))    # fewer labels: one batch, no padding
   out = []
   key = jax.random.PRNGKey(seed)
   for i in range(0, len(labels), batch_size):
