@@ -14,6 +14,7 @@ mesh that ``lower`` sets.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
@@ -63,7 +64,7 @@ class Assembly:
     """(rows, batch): row i conditions fake update i, the last row the generator update."""
     return (self.config.fake.ttur + 1, self.config.train.batch_size)
 
-  @property
+  @functools.cached_property
   def phase_starts(self) -> tuple[int, ...]:
     """Progressive order: the first update of each phase, then train.num_steps (K + 1 values);
     train.phase_steps sets each phase's budget, () an equal split."""

@@ -164,7 +164,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, stop_at_step: int 
           bar.close()
         lo, hi = (starts[k], starts[k + 1]) if progressive else (0, total)
         bar = tqdm.tqdm(total=hi - lo, initial=step - lo, disable=not verbose, leave=True,
-                        desc=f"phase {k + 1}/{run.plan.num_phases}" if run.plan.order == "progressive"
+                        desc=f"phase {k + 1}/{run.plan.num_phases}" if progressive
                         else "interleaved phases", dynamic_ncols=True)
       t0 = time.perf_counter()
       host = None if hosted is None else next(hosted)
