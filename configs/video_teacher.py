@@ -142,8 +142,8 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   nearer the data's. As for v2, the sampler is not the flicker's source: v3 sampled with 64
   Euler steps instead of 32 (same 250 clips) gives warp error 0.0193 vs 0.0194, frame accuracy
   0.91 vs 0.92, mean flow 1.08 vs 1.09 (``--config.train.num_steps=0
-  --config.train.init_from=assets/video_teacher --config.eval.steps=64``). To reproduce v3: train v2 into assets/video_teacher (the command at the
-  end), then
+  --config.train.init_from=assets/video_teacher --config.eval.steps=64``). To reproduce v3:
+  train v2 into assets/video_teacher (the command at the end), then
     python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_v3 --config.seed=1 \
       --config.train.frame_diff_weight=2 --config.train.init_from=assets/video_teacher \
       --config.train.num_steps=2800 --config.train.lr=3e-4 --config.train.warmup_steps=100
