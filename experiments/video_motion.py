@@ -57,7 +57,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (LoRA init, noise, t
 _STEPS = flags.DEFINE_integer("steps", 120, "Generator updates per run (all methods).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_video_motion", "Scratch workdirs.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these row ids (sgts, phased_sgts, phased).")
+_ONLY = flags.DEFINE_list("only", ["sgts", "phased_sgts", "phased"],
+                         "Row ids to run: sgts, phased_sgts, phased (the default sweep) and "
+                         "phased_ms (2-phase without SGTS inside phases, an ablation).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
@@ -76,6 +78,8 @@ ROWS = [
     ("sgts", "DMD2 / SGTS (4 steps)", "method=dmd2_sgts,steps=4"),
     ("phased_sgts", "Phased DMD 4-step 2-phase (SGTS in phases)", "method=phased_dmd_sgts,steps=4,phases=2"),
     ("phased", "Phased DMD 4-step 4-phase", "method=phased_dmd,steps=4"),
+    ("phased_ms", "Phased DMD 4-step 2-phase (gradient through both steps)",
+     "method=phased_dmd_multistep,steps=4,phases=2"),
 ]
 METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teacher"),
            ("dynamic_degree", "dynamic degree"), ("dynamic_degree_fast", "dyn. degree > 1.5"),
@@ -240,8 +244,11 @@ def main(argv):
   del argv
   jax.config.update("jax_compilation_cache_dir", os.path.join(_WORK.value, "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  unknown = sorted(set(_ONLY.value) - {r[0] for r in ROWS})
+  if unknown:
+    raise app.UsageError(f"--only={unknown} unknown; allowed: {[r[0] for r in ROWS]}")
   os.makedirs(_OUT.value, exist_ok=True)
-  rows = [r for r in ROWS if not _ONLY.value or r[0] in _ONLY.value]
+  rows = [r for r in ROWS if r[0] in _ONLY.value]
   old_strips = _old_strips_line()      # read before write_table rewrites video.md
   results, workdirs = {}, {}
   for seed in map(int, _SEEDS.value):     # seed-major: every row has a run before any has two

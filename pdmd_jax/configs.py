@@ -64,7 +64,8 @@ def method(c, name: str, steps: int, phases: int, *, shift: float, seed: int = 0
            grid_times=()):
   """The method and its phase plan (README "Methods as phase plans") on ``c``."""
   c.seed = seed                            # seeds the run's rng (noise, t, SGTS stop, labels)
-  c.method = name                          # dmd | dmd_multistep | dmd2_sgts | phased_dmd | phased_dmd_sgts
+  c.method = name                          # dmd | dmd_multistep | dmd2_sgts | phased_dmd
+                                           #   | phased_dmd_sgts | phased_dmd_multistep
   c.num_steps = 1 if name == "dmd" else steps   # N sampling steps of the distilled generator
   c.num_phases = (1 if name in SINGLE_PHASE_METHODS else
                   (c.num_steps if name == "phased_dmd" else phases))   # K

@@ -1,15 +1,18 @@
 """A method is a phase plan (DESIGN.md, "One idea that organises the code").
 
-| method            | phases | steps/phase | gradient inside a phase              | re-noise t    |
-|-------------------|--------|-------------|--------------------------------------|---------------|
-| dmd               | 1      | 1           | the step                             | T(0, 1)       |
-| dmd_multistep     | 1      | N           | through all N steps                  | T(0, 1)       |
-| dmd2_sgts         | 1      | N           | random stop j, Euler jump to 0       | T(0, 1)       |
-| phased_dmd        | N      | 1           | the step                             | T(t_k, 1)     |
-| phased_dmd_sgts   | K      | N/K         | random stop, Euler jump to t_k       | T(t_k, 1)     |
+| method               | phases | steps/phase | gradient inside a phase         | re-noise t |
+|----------------------|--------|-------------|---------------------------------|------------|
+| dmd                  | 1      | 1           | the step                        | T(0, 1)    |
+| dmd_multistep        | 1      | N           | through all N steps             | T(0, 1)    |
+| dmd2_sgts            | 1      | N           | random stop j, Euler jump to 0  | T(0, 1)    |
+| phased_dmd           | N      | 1           | the step                        | T(t_k, 1)  |
+| phased_dmd_sgts      | K      | N/K         | random stop, Euler jump to t_k  | T(t_k, 1)  |
+| phased_dmd_multistep | K      | N/K         | through all N/K steps           | T(t_k, 1)  |
 
-With boundary s = 0 every subinterval formula reduces to plain DMD, so all five methods run
-through one rollout, one loss and one train step; only the plan differs.
+With boundary s = 0 every subinterval formula reduces to plain DMD, so all six methods run
+through one rollout, one loss and one train step; only the plan differs. phased_dmd_multistep
+is the ablation of SGTS inside phases: the same K experts and the same grid, with the phase's
+gradient through every step (memory grows with N/K, as dmd_multistep's with N).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 
 from pdmd_jax import schedule as sched_lib
 
-METHODS = ("dmd", "dmd_multistep", "dmd2_sgts", "phased_dmd", "phased_dmd_sgts")
+METHODS = ("dmd", "dmd_multistep", "dmd2_sgts", "phased_dmd", "phased_dmd_sgts",
+           "phased_dmd_multistep")
 PHASE_ORDERS = ("progressive", "interleaved")
 GRAD_MODES = ("full", "sgts")
 
@@ -125,7 +129,8 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
       raise ValueError(f"grid_times={list(g)} must be {num_steps + 1} strictly decreasing "
                        "times from 1 to 0")
   grad_mode = {"dmd": "full", "dmd_multistep": "full", "dmd2_sgts": "sgts",
-               "phased_dmd": "full", "phased_dmd_sgts": "sgts"}[method]
+               "phased_dmd": "full", "phased_dmd_sgts": "sgts",
+               "phased_dmd_multistep": "full"}[method]
   per = num_steps // num_phases
   phases = []
   for k in range(num_phases):

@@ -77,7 +77,7 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
     fail("num_phases", k, f"1 for method {m!r}")
   if m == "phased_dmd" and k != n:
     fail("num_phases", k, f"num_steps={n} for 'phased_dmd' (N-step N-phase); use "
-          "'phased_dmd_sgts' for K < N")
+          "'phased_dmd_sgts' or 'phased_dmd_multistep' for K < N")
   if n % k:
     fail("num_phases", k, f"a divisor of num_steps={n}: {[d for d in range(1, n + 1) if n % d == 0]}")
   positive(config, "shift")

@@ -10,7 +10,8 @@ from pdmd_jax import trainer
 
 @pytest.mark.parametrize("variant", [
     "", "runlocal", "method=dmd", "method=dmd_multistep,steps=4", "method=dmd2_sgts,steps=4",
-    "method=phased_dmd,steps=4", "method=phased_dmd_sgts,steps=4,phases=2", "dim=16",
+    "method=phased_dmd,steps=4", "method=phased_dmd_sgts,steps=4,phases=2",
+    "method=phased_dmd_multistep,steps=4,phases=2", "dim=16",
     "method=phased_dmd_sgts,steps=4,phases=2,dim=16,runlocal"])
 def test_variants_validate(gmm_config, variant):
   config = gmm_config(variant)

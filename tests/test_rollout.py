@@ -26,6 +26,7 @@ CASES = (
     ("phased_dmd", "phased_dmd", 4, 2),
     ("phased_dmd_sgts", "phased_dmd_sgts", 4, 2),
     ("phased_dmd_sgts_3_per_phase", "phased_dmd_sgts", 6, 2),
+    ("phased_dmd_multistep", "phased_dmd_multistep", 4, 2),
 )
 
 

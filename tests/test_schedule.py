@@ -552,6 +552,15 @@ class MakePlanTest(parameterized.TestCase):
     self.assertAlmostEqual(plan.phases[0].boundary, 0.75, places=6)
     np.testing.assert_allclose(plan.phases[1].times, (0.75, 0.5), atol=1e-6)
 
+  def test_multistep_phases_ablate_only_the_gradient(self):
+    """phased_dmd_multistep: the SGTS plan's phases, grid and re-noise ranges, full gradient."""
+    sgts = methods.make_plan("phased_dmd_sgts", 4, 2, 3.0)
+    full = methods.make_plan("phased_dmd_multistep", 4, 2, 3.0)
+    self.assertEqual(full.grid, sgts.grid)
+    for a, b in zip(full.phases, sgts.phases):
+      self.assertEqual((a.times, a.boundary, a.t_sampler), (b.times, b.boundary, b.t_sampler))
+      self.assertEqual((a.grad_mode, b.grad_mode), ("full", "sgts"))
+
   def test_expert_routing(self):
     """expert_of_step: (0,0,1,1) for 2 phases, (0,1,2,3) for phased_dmd, (0,0,0,0) for dmd2."""
     self.assertEqual(methods.make_plan("phased_dmd_sgts", 4, 2, 5.0).expert_of_step(), (0, 0, 1, 1))
