@@ -377,6 +377,7 @@ def write_table(results, extra=""):
             f"CFG {c.teacher.guidance_scale:g})\n\n"
             "Command: `python experiments/video_motion.py --seeds=" + ",".join(_SEEDS.value) +
             f" --steps={_STEPS.value} --batch={_BATCH.value} --eval_samples={_EVAL.value}"
+            + ("" if _ONLY.value == _ONLY.default else f" --only={','.join(_ONLY.value)}")
             + (f" --set={','.join(_SET.value)}" if _SET.value else "")
             + ("" if _OUT.value == _OUT.default else
                f" --out={os.path.relpath(_OUT.value, ROOT)}") + "`"
