@@ -58,8 +58,10 @@ _STEPS = flags.DEFINE_integer("steps", 120, "Generator updates per run (all meth
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "results"), "Output directory.")
 _WORK = flags.DEFINE_string("workroot", "/tmp/pdmd_video_motion", "Scratch workdirs.")
 _ONLY = flags.DEFINE_list("only", ["sgts", "phased_sgts", "phased"],
-                         "Row ids to run: sgts, phased_sgts, phased (the default sweep) and "
-                         "phased_ms (2-phase without SGTS inside phases, an ablation).")
+                         "Row ids to run: sgts, phased_sgts, phased (the default sweep); "
+                         "ablations: phased_ms (2-phase without SGTS inside phases), phased_r8 "
+                         "and phased_sgts_r32 (phase count at matched LoRA parameters), dmd_ms "
+                         "(one phase, gradient through all 4 steps).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
@@ -80,6 +82,14 @@ ROWS = [
     ("phased", "Phased DMD 4-step 4-phase", "method=phased_dmd,steps=4"),
     ("phased_ms", "Phased DMD 4-step 2-phase (gradient through both steps)",
      "method=phased_dmd_multistep,steps=4,phases=2"),
+    # Phase count vs parameters: 4 rank-8 experts hold 2-phase's LoRA parameters, 2 rank-32
+    # experts 4-phase's (alpha stays 16: the LoRA output scale alpha / r keeps Adam's step
+    # the same across ranks, so only capacity changes).
+    ("phased_r8", "Phased DMD 4-step 4-phase, LoRA rank 8 (2-phase's parameters)",
+     "method=phased_dmd,steps=4,generator.lora_rank=8"),
+    ("phased_sgts_r32", "Phased DMD 4-step 2-phase, LoRA rank 32 (4-phase's parameters)",
+     "method=phased_dmd_sgts,steps=4,phases=2,generator.lora_rank=32"),
+    ("dmd_ms", "DMD 4 steps (gradient through all steps)", "method=dmd_multistep,steps=4"),
 ]
 METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teacher"),
            ("dynamic_degree", "dynamic degree"), ("dynamic_degree_fast", "dyn. degree > 1.5"),
@@ -89,8 +99,33 @@ METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teac
 
 
 def _load_config(variant):
+  """configs/video.py with ``variant``: its own items (method=..., steps=...) and dotted config
+  fields (generator.lora_rank=8), which are set after loading."""
+  items = [i for i in variant.split(",") if i]
   teacher = f",teacher={_TEACHER.value}" if _TEACHER.value else ""
-  return configs.load(f"configs/video.py:{variant}{teacher}")
+  config = configs.load("configs/video.py:" + ",".join(
+      i for i in items if "." not in i.partition("=")[0]) + teacher)
+  for item in items:
+    if "." in item.partition("=")[0]:
+      key, value = _parse_leaf(config, item, "row variant")
+      configs.set_leaf(config, key, value)
+  return config
+
+
+def _parse_leaf(config, item, where):
+  """'a.b=value' as (key, value) with the value cast to the type of the field it replaces."""
+  key, sep, value = item.partition("=")
+  try:
+    old = functools.reduce(lambda node, k: node[k], key.split("."), config)
+  except (KeyError, AttributeError):
+    raise app.UsageError(f"{where} {item!r}: no config field {key!r}") from None
+  if not sep or isinstance(old, (dict, type(config))):
+    raise app.UsageError(f"{where} {item!r}: expected field=value for a leaf field")
+  if isinstance(old, bool):
+    return key, value in ("1", "true", "True")
+  if isinstance(old, tuple):        # a tuple of ints as "90:30" (--set splits on commas)
+    return key, tuple(int(v) for v in value.split(":") if v)
+  return key, type(old)(value)
 
 
 def _teacher_dir():
@@ -127,22 +162,8 @@ def _path_safe(value) -> str:
 @functools.cache
 def _overrides():
   """--set as {dotted key: value}, each value cast to the type of the field it replaces."""
-  base, out = _load_config(ROWS[0][2]), {}
-  for item in _SET.value:
-    key, sep, value = item.partition("=")
-    try:
-      old = functools.reduce(lambda node, k: node[k], key.split("."), base)
-    except (KeyError, AttributeError):
-      raise app.UsageError(f"--set {item!r}: no config field {key!r}") from None
-    if not sep or isinstance(old, (dict, type(base))):
-      raise app.UsageError(f"--set {item!r}: expected field=value for a leaf field")
-    if isinstance(old, bool):
-      out[key] = value in ("1", "true", "True")
-    elif isinstance(old, tuple):        # a tuple of ints as "90:30" (--set splits on commas)
-      out[key] = tuple(int(v) for v in value.split(":") if v)
-    else:
-      out[key] = type(old)(value)
-  return out
+  base = _load_config(ROWS[0][2])
+  return dict(_parse_leaf(base, item, "--set") for item in _SET.value)
 
 
 # Config fields added after sweeps were recorded, with their defaults (left out of the hash).

@@ -138,3 +138,27 @@ def test_frame_difference_term_keeps_the_teachers_minimiser():
   tc.train.frame_diff_weight = 1.0
   with pytest.raises(ValueError, match="train.frame_diff_weight=1.0.*video model"):
     teacher_training.train_teacher(tc, "/nonexistent/never_written", verbose=False)
+
+
+def test_video_motion_rows_build_valid_configs():
+  """Every row of experiments/video_motion.py validates, with its dotted fields (the LoRA ranks
+  of the phase-count ablation) set; a misspelt field is a usage error naming it."""
+  import sys
+  from absl import app
+  from absl import flags
+  from pdmd_jax import validation
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import video_motion
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["video_motion"])
+  ranks = {}
+  for row_id, _, variant in video_motion.ROWS:
+    config, workdir = video_motion._run_config(row_id, variant, 120, 0)
+    plan = validation.validate(config, files=False)
+    ranks[row_id] = (plan.num_phases, config.generator.lora_rank)
+    assert os.path.basename(workdir) == f"{row_id}_x120_b4_s0"
+  # equal LoRA parameters: 4 experts of rank 8 = 2 of rank 16; 2 of rank 32 = 4 of rank 16
+  assert ranks["phased_r8"] == (4, 8) and ranks["phased_sgts"] == (2, 16)
+  assert ranks["phased_sgts_r32"] == (2, 32) and ranks["phased"] == (4, 16)
+  with pytest.raises(app.UsageError, match="generator.lora_rnak"):
+    video_motion._load_config("method=phased_dmd,generator.lora_rnak=8")
