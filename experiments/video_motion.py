@@ -83,8 +83,8 @@ ROWS = [
     ("phased_ms", "Phased DMD 4-step 2-phase (gradient through both steps)",
      "method=phased_dmd_multistep,steps=4,phases=2"),
     # Phase count vs parameters: 4 rank-8 experts hold 2-phase's LoRA parameters, 2 rank-32
-    # experts 4-phase's (alpha stays 16: the LoRA output scale alpha / r keeps Adam's step
-    # the same across ranks, so only capacity changes).
+    # experts 4-phase's (alpha stays 16: with the LoRA output scale alpha / r, Adam's early
+    # updates move the output about equally at every rank, so mainly capacity changes).
     ("phased_r8", "Phased DMD 4-step 4-phase, LoRA rank 8 (2-phase's parameters)",
      "method=phased_dmd,steps=4,generator.lora_rank=8"),
     ("phased_sgts_r32", "Phased DMD 4-step 2-phase, LoRA rank 32 (4-phase's parameters)",
