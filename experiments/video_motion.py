@@ -68,7 +68,9 @@ _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes
 _BY_PHASE = flags.DEFINE_bool("by_phase", True, "Attribute the first seed's motion loss to the "
                                "high- and low-noise halves of the sampler (motion_by_phase).")
 _CACHED = flags.DEFINE_bool("cached_only", False, "Only tabulate runs already in --workroot "
-                            "(e.g. after an interrupted sweep); missing runs are skipped.")
+                            "(e.g. after an interrupted sweep); missing runs are skipped, and "
+                            "so are missing --by_phase attributions (a run without --cached_only "
+                            "reuses the cached runs and computes them).")
 _SET = flags.DEFINE_list("set", [], "Config overrides of every row, e.g. generator.lr=1e-4 (each "
                          "value takes the type of the field it replaces; a tuple as "
                          "train.phase_steps=90:30); part of a run's key.")
@@ -305,7 +307,8 @@ def main(argv):
               "[video_strips.png](video_strips.png) has each clip's frames along a row.\n")
   if _BY_PHASE.value and results:
     for row_id, name, variant in rows:   # each row's first seed run here, unless a record has it
-      if name in workdirs and not any("by_phase" in r for r in results[name]):
+      if (name in workdirs and not _CACHED.value
+          and not any("by_phase" in r for r in results[name])):
         seed = workdirs[name][0]
         by_phase = motion_by_phase(row_id, variant, _STEPS.value, seed)
         next(r for r in results[name] if r["run"]["seed"] == seed)["by_phase"] = by_phase
@@ -314,14 +317,15 @@ def main(argv):
               **{label: [r["by_phase"][k] for r in runs if "by_phase" in r]
                  for k, label in _BY_PHASE_COLS.items()}}
              for name, runs in results.items() if any("by_phase" in r for r in runs)]
-    extra += ("\n## Where the motion goes\n\nflow / teacher of the same clips "
-              "when the run's experts take only part of the 4-step grid and the teacher's fine "
-              "Euler the rest (`sampling.mixed_sample`): high-noise half = the experts from t = 1 to "
-              "0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the teacher to "
-              "t = 0.75, then the experts. fast quarter: the same ratio on the clips where the "
-              "teacher moves fastest (top 25% of its flow).\n\n"
-              + gmm_metrics.markdown_table(table, ["method", "seed ids"]
-                                           + list(_BY_PHASE_COLS.values())))
+    if table:     # none when --cached_only finds no attribution
+      extra += ("\n## Where the motion goes\n\nflow / teacher of the same clips "
+                "when the run's experts take only part of the 4-step grid and the teacher's fine "
+                "Euler the rest (`sampling.mixed_sample`): high-noise half = the experts from t = 1 "
+                "to 0.75 (phase 0 of the 2-phase plan), then the teacher; low-noise half = the "
+                "teacher to t = 0.75, then the experts. fast quarter: the same ratio on the clips "
+                "where the teacher moves fastest (top 25% of its flow).\n\n"
+                + gmm_metrics.markdown_table(table, ["method", "seed ids"]
+                                             + list(_BY_PHASE_COLS.values())))
   write_table(results, extra)
 
 
