@@ -61,7 +61,8 @@ _ONLY = flags.DEFINE_list("only", ["sgts", "phased_sgts", "phased"],
                          "Row ids to run: sgts, phased_sgts, phased (the default sweep); "
                          "ablations: phased_ms (2-phase without SGTS inside phases), phased_r8 "
                          "and phased_sgts_r32 (phase count at matched LoRA parameters), dmd_ms "
-                         "(one phase, gradient through all 4 steps).")
+                         "(one phase, gradient through all 4 steps), phased_2step (2-phase's "
+                         "boundaries, one step per expert).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
@@ -92,6 +93,9 @@ ROWS = [
     ("phased_sgts_r32", "Phased DMD 4-step 2-phase, LoRA rank 32 (4-phase's parameters)",
      "method=phased_dmd_sgts,steps=4,phases=2,generator.lora_rank=32"),
     ("dmd_ms", "DMD 4 steps (gradient through all steps)", "method=dmd_multistep,steps=4"),
+    # 2-phase's boundaries (grid 1, 0.75, 0 at shift 3) with one step per expert.
+    ("phased_2step", "Phased DMD 2-step 2-phase (2-phase's boundaries, one step each)",
+     "method=phased_dmd,steps=2"),
 ]
 METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teacher"),
            ("dynamic_degree", "dynamic degree"), ("dynamic_degree_fast", "dyn. degree > 1.5"),
