@@ -379,7 +379,10 @@ def _old_strips_line():
 
 
 def _teacher_file(workdir):
-  return next(f for f in os.listdir(workdir) if f.startswith("teacher_samples_n") and f.endswith(".npy"))
+  """The teacher's reference clips in a run's workdir: with several (the shared references are
+  copied into every run, one per student grid), the finest grid's, i.e. the table's 32-step row."""
+  return max((f for f in os.listdir(workdir) if f.startswith("teacher_samples_n")
+              and f.endswith(".npy")), key=lambda f: (f.count("-"), f))
 
 
 def _teacher_clips(workdir):
