@@ -140,25 +140,41 @@ def test_frame_difference_term_keeps_the_teachers_minimiser():
     teacher_training.train_teacher(tc, "/nonexistent/never_written", verbose=False)
 
 
+_ROWS_CHECK = """
+import json, os, sys
+from absl import app, flags
+sys.path.insert(0, "experiments")
+import video_motion
+from pdmd_jax import validation
+flags.FLAGS(["video_motion"])
+out = {}
+for row_id, _, variant in video_motion.ROWS:
+  config, workdir = video_motion._run_config(row_id, variant, 120, 0)
+  plan = validation.validate(config, files=False)
+  out[row_id] = [plan.num_phases, config.generator.lora_rank, os.path.basename(workdir)]
+try:
+  video_motion._load_config("method=phased_dmd,generator.lora_rnak=8")
+except app.UsageError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
 def test_video_motion_rows_build_valid_configs():
   """Every row of experiments/video_motion.py validates, with its dotted fields (the LoRA ranks
-  of the phase-count ablation) set; a misspelt field is a usage error naming it."""
+  of the phase-count ablation) set; a misspelt field is a usage error naming it. In a subprocess:
+  the script's absl flags would clash with other modules' in this process."""
+  import subprocess
   import sys
-  from absl import app
-  from absl import flags
-  from pdmd_jax import validation
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import video_motion
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["video_motion"])
-  ranks = {}
-  for row_id, _, variant in video_motion.ROWS:
-    config, workdir = video_motion._run_config(row_id, variant, 120, 0)
-    plan = validation.validate(config, files=False)
-    ranks[row_id] = (plan.num_phases, config.generator.lora_rank)
-    assert os.path.basename(workdir) == f"{row_id}_x120_b4_s0"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-c", _ROWS_CHECK], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads(proc.stdout.strip().splitlines()[-1])
+  for row_id, (_, _, workdir) in ((k, v) for k, v in rows.items() if k != "error"):
+    assert workdir == f"{row_id}_x120_b4_s0"
   # equal LoRA parameters: 4 experts of rank 8 = 2 of rank 16; 2 of rank 32 = 4 of rank 16
-  assert ranks["phased_r8"] == (4, 8) and ranks["phased_sgts"] == (2, 16)
-  assert ranks["phased_sgts_r32"] == (2, 32) and ranks["phased"] == (4, 16)
-  with pytest.raises(app.UsageError, match="generator.lora_rnak"):
-    video_motion._load_config("method=phased_dmd,generator.lora_rnak=8")
+  assert rows["phased_r8"][:2] == [4, 8] and rows["phased_sgts"][:2] == [2, 16]
+  assert rows["phased_sgts_r32"][:2] == [2, 32] and rows["phased"][:2] == [4, 16]
+  assert rows["phased_2step"][:2] == [2, 16]
+  assert "generator.lora_rnak" in rows["error"]
