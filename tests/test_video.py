@@ -3,6 +3,8 @@ tiny end-to-end video teacher + distillation run."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -164,17 +166,16 @@ def test_video_motion_rows_build_valid_configs():
   """Every row of experiments/video_motion.py validates, with its dotted fields (the LoRA ranks
   of the phase-count ablation) set; a misspelt field is a usage error naming it. In a subprocess:
   the script's absl flags would clash with other modules' in this process."""
-  import subprocess
-  import sys
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.run([sys.executable, "-c", _ROWS_CHECK], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(proc.stdout.strip().splitlines()[-1])
-  for row_id, (_, _, workdir) in ((k, v) for k, v in rows.items() if k != "error"):
+  error = rows.pop("error")
+  for row_id, (_, _, workdir) in rows.items():
     assert workdir == f"{row_id}_x120_b4_s0"
   # equal LoRA parameters: 4 experts of rank 8 = 2 of rank 16; 2 of rank 32 = 4 of rank 16
   assert rows["phased_r8"][:2] == [4, 8] and rows["phased_sgts"][:2] == [2, 16]
   assert rows["phased_sgts_r32"][:2] == [2, 32] and rows["phased"][:2] == [4, 16]
   assert rows["phased_2step"][:2] == [2, 16]
-  assert "generator.lora_rnak" in rows["error"]
+  assert "generator.lora_rnak" in error
