@@ -62,7 +62,8 @@ _ONLY = flags.DEFINE_list("only", ["sgts", "phased_sgts", "phased"],
                          "ablations: phased_ms (2-phase without SGTS inside phases), phased_r8 "
                          "and phased_sgts_r32 (phase count at matched LoRA parameters), dmd_ms "
                          "(one phase, gradient through all 4 steps), phased_2step (2-phase's "
-                         "boundaries, one step per expert).")
+                         "boundaries, one step per expert), phased_sgts_1_3 and phased_sgts_3_1 "
+                         "(2-phase's boundary at 0.9 or 0.5).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
@@ -96,6 +97,12 @@ ROWS = [
     # 2-phase's boundaries (grid 1, 0.75, 0 at shift 3) with one step per expert.
     ("phased_2step", "Phased DMD 2-step 2-phase (2-phase's boundaries, one step each)",
      "method=phased_dmd,steps=2"),
+    # Which of 4-phase's added boundaries matters: 2-phase on the 4-step grid (1, .9, .75, .5, 0)
+    # with its boundary at 0.9 (1 + 3 steps) or at 0.5 (3 + 1 steps) instead of 0.75.
+    ("phased_sgts_1_3", "Phased DMD 4-step 2-phase, 1 + 3 steps (boundary 0.9)",
+     "method=phased_dmd_sgts,steps=4,phases=2,steps_per_phase=1:3"),
+    ("phased_sgts_3_1", "Phased DMD 4-step 2-phase, 3 + 1 steps (boundary 0.5)",
+     "method=phased_dmd_sgts,steps=4,phases=2,steps_per_phase=3:1"),
 ]
 METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teacher"),
            ("dynamic_degree", "dynamic degree"), ("dynamic_degree_fast", "dyn. degree > 1.5"),
@@ -104,15 +111,20 @@ METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teac
            ("feature_cosine", "feat. cosine"), ("pixel_l2", "pixel L2"), ("saturation", "saturation")]
 
 
+# Items of a row variant that are configs/video.py's own arguments; every other item is a config
+# field (generator.lora_rank=8, steps_per_phase=1:3), set after loading.
+_CONFIG_ARGS = ("method", "steps", "phases", "seed", "runlocal", "teacher")
+
+
 def _load_config(variant):
-  """configs/video.py with ``variant``: its own items (method=..., steps=...) and dotted config
-  fields (generator.lora_rank=8), which are set after loading."""
+  """configs/video.py with ``variant``: its own items (method=..., steps=...) and config fields
+  (generator.lora_rank=8, steps_per_phase=1:3), which are set after loading."""
   items = [i for i in variant.split(",") if i]
+  own = lambda item: item.partition("=")[0] in _CONFIG_ARGS
   teacher = f",teacher={_TEACHER.value}" if _TEACHER.value else ""
-  config = configs.load("configs/video.py:" + ",".join(
-      i for i in items if "." not in i.partition("=")[0]) + teacher)
+  config = configs.load("configs/video.py:" + ",".join(i for i in items if own(i)) + teacher)
   for item in items:
-    if "." in item.partition("=")[0]:
+    if not own(item):
       key, value = _parse_leaf(config, item, "row variant")
       configs.set_leaf(config, key, value)
   return config
@@ -173,7 +185,7 @@ def _overrides():
 
 
 # Config fields added after sweeps were recorded, with their defaults (left out of the hash).
-_ADDED_LATER = {"train.phase_steps": (), "eval.every_phase": True}
+_ADDED_LATER = {"train.phase_steps": (), "eval.every_phase": True, "steps_per_phase": ()}
 
 
 def _run_key(config, steps, seed):

@@ -136,11 +136,11 @@ def _put(value, like):
 
 # Fields that fix the state's layout and the phase plan: a checkpoint resumes only a run that
 # agrees on all of them (optimiser settings, evaluation and logging may change on resume).
-PLAN_FIELDS = ("method", "num_steps", "num_phases", "shift", "grid_times", "phase_order",
-               "schedule", "teacher.type", "train.num_steps", "train.phase_steps",
+PLAN_FIELDS = ("method", "num_steps", "num_phases", "steps_per_phase", "shift", "grid_times",
+               "phase_order", "schedule", "teacher.type", "train.num_steps", "train.phase_steps",
                "generator.lora_rank", "fake.lora_rank", "generator.ema_decay", "gan.enabled")
 # Plan fields added after checkpoints were written: a config without one has this value.
-_DEFAULTS = {"train.phase_steps": []}
+_DEFAULTS = {"train.phase_steps": [], "steps_per_phase": []}
 
 
 def check_resumable(saved: dict, config, where: str) -> None:

@@ -61,7 +61,7 @@ def set_leaf(config, key: str, value) -> None:
 
 
 def method(c, name: str, steps: int, phases: int, *, shift: float, seed: int = 0,
-           grid_times=()):
+           grid_times=(), steps_per_phase=()):
   """The method and its phase plan (README "Methods as phase plans") on ``c``."""
   c.seed = seed                            # seeds the run's rng (noise, t, SGTS stop, labels)
   c.method = name                          # dmd | dmd_multistep | dmd2_sgts | phased_dmd
@@ -71,6 +71,7 @@ def method(c, name: str, steps: int, phases: int, *, shift: float, seed: int = 0
                   (c.num_steps if name == "phased_dmd" else phases))   # K
   c.shift = shift                          # timestep shift of the grid and t-samplers
   c.grid_times = tuple(grid_times)         # explicit grid 1 > ... > 0 (N+1 values); () = shifted uniform
+  c.steps_per_phase = tuple(steps_per_phase)   # grid steps of each phase (K values, sum N); () = N/K
   c.phase_order = "progressive"            # progressive (the paper) | interleaved (ModelTC's trainer)
   c.schedule = "flow_matching"             # flow_matching | vp_cosine
   return c

@@ -66,6 +66,10 @@ class PhasePlan:
   def num_steps(self) -> int:
     return len(self.grid) - 1
 
+  def boundary_index(self, k: int) -> int:
+    """Index in ``grid`` of phase k's boundary (N/K (k + 1) with the even split)."""
+    return sum(p.num_steps for p in self.phases[:k + 1])
+
   def expert_of_step(self) -> tuple[int, ...]:
     """Which expert runs grid step i (the MoE routing of the few-step sampler)."""
     return tuple(p.index for p in self.phases for _ in p.times)
@@ -86,7 +90,8 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
               order: str = "progressive", t_min: float = 0.0, t_max: float = 1.0,
               phase1_floor: float | None = None, floor_mode: str = "clamp",
               grid_times: Sequence[float] | None = None,
-              renoise_shift: float | None = None) -> PhasePlan:
+              renoise_shift: float | None = None,
+              steps_per_phase: Sequence[int] | None = None) -> PhasePlan:
   """Builds the PhasePlan of ``method``.
 
   Args:
@@ -102,6 +107,9 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
     floor_mode: "clamp" (the paper) or "resample".
     grid_times: explicit grid (descending, 1 ... 0) instead of the shifted uniform one.
     renoise_shift: shift of the re-noise t-samplers if it should differ from the grid's.
+    steps_per_phase: grid steps of each phase (K integers >= 1 summing to N), e.g. (1, 3) puts
+      the 4-step 2-phase boundary at the first grid time instead of the middle one; None = N/K
+      each (the paper's even split).
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r} is unknown; allowed: {list(METHODS)}")
@@ -117,9 +125,18 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
     num_phases = num_steps
   if num_steps < 1:
     raise ValueError(f"num_steps={num_steps} must be >= 1")
-  if num_phases < 1 or num_steps % num_phases:
-    raise ValueError(f"num_phases={num_phases} must divide num_steps={num_steps}; allowed: "
-                     f"{[k for k in range(1, num_steps + 1) if num_steps % k == 0]}")
+  if steps_per_phase is None:
+    if num_phases < 1 or num_steps % num_phases:
+      raise ValueError(f"num_phases={num_phases} must divide num_steps={num_steps}; allowed: "
+                       f"{[k for k in range(1, num_steps + 1) if num_steps % k == 0]} (or set "
+                       "steps_per_phase)")
+    sizes = (num_steps // num_phases,) * num_phases
+  else:
+    sizes = tuple(steps_per_phase)
+    if (len(sizes) != num_phases or sum(sizes) != num_steps
+        or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in sizes)):
+      raise ValueError(f"steps_per_phase={list(sizes)} must be num_phases={num_phases} integers "
+                       f">= 1 summing to num_steps={num_steps} (for {method!r})")
   if grid_times is None:
     g = np.asarray(sched_lib.grid(num_steps, shift), dtype=np.float64)
     g[0], g[-1] = 1.0, 0.0
@@ -131,15 +148,15 @@ def make_plan(method: str, num_steps: int, num_phases: int, shift: float, *,
   grad_mode = {"dmd": "full", "dmd_multistep": "full", "dmd2_sgts": "sgts",
                "phased_dmd": "full", "phased_dmd_sgts": "sgts",
                "phased_dmd_multistep": "full"}[method]
-  per = num_steps // num_phases
+  ends = np.cumsum((0,) + sizes)
   phases = []
   for k in range(num_phases):
-    boundary = float(g[(k + 1) * per])
+    boundary = float(g[ends[k + 1]])
     floor = phase1_floor if (k == 0 and phase1_floor is not None and num_phases > 1) else None
     sampler = sched_lib.TimeSampler(low=max(boundary, t_min), high=t_max,
                                     shift_value=shift if renoise_shift is None else renoise_shift,
                                     floor=floor, floor_mode=floor_mode)
-    phases.append(Phase(index=k, times=tuple(float(t) for t in g[k * per:(k + 1) * per]),
+    phases.append(Phase(index=k, times=tuple(float(t) for t in g[ends[k]:ends[k + 1]]),
                         boundary=boundary, grad_mode=grad_mode, t_sampler=sampler))
   return PhasePlan(method=method, grid=tuple(float(t) for t in g), phases=tuple(phases),
                    order=order)

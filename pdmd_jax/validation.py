@@ -78,8 +78,15 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
   if m == "phased_dmd" and k != n:
     fail("num_phases", k, f"num_steps={n} for 'phased_dmd' (N-step N-phase); use "
           "'phased_dmd_sgts' or 'phased_dmd_multistep' for K < N")
-  if n % k:
-    fail("num_phases", k, f"a divisor of num_steps={n}: {[d for d in range(1, n + 1) if n % d == 0]}")
+  sizes = tuple(config.get("steps_per_phase", ()))
+  if sizes:
+    if (len(sizes) != k or sum(sizes) != n
+        or not all(isinstance(v, int) and v >= 1 for v in sizes)):
+      fail("steps_per_phase", sizes, f"() (N/K each) or num_phases={k} integers >= 1 summing to "
+           f"num_steps={n}")
+  elif n % k:
+    fail("num_phases", k, f"a divisor of num_steps={n}: {[d for d in range(1, n + 1) if n % d == 0]}"
+         " (or set steps_per_phase)")
   positive(config, "shift")
   grid = tuple(config.grid_times)
   if grid:
@@ -169,7 +176,8 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
 
   plan = methods.make_plan(m, n, k, config.shift, order=config.phase_order, t_min=ts.t_min,
                            t_max=ts.t_max, phase1_floor=ts.phase1_floor, floor_mode=ts.floor_mode,
-                           grid_times=grid or None, renoise_shift=ts.shift)
+                           grid_times=grid or None, renoise_shift=ts.shift,
+                           steps_per_phase=sizes or None)
   for p in plan.phases:
     if p.t_sampler.low >= p.t_sampler.high:
       fail("t_sampler.t_max", ts.t_max, f"above phase {p.index + 1}'s boundary {p.boundary:.4f}")

@@ -179,3 +179,24 @@ def test_non_finite_stops_with_step_and_metric(gmm_config, tmp_path):
   chex.assert_tree_all_finite(state.experts)
   chex.assert_tree_all_finite(state)
   chex.assert_trees_all_equal(state, good, strict=True)   # the last good checkpoint, untouched
+
+
+def test_checkpoint_refuses_other_phase_sizes(gmm_config):
+  """steps_per_phase moves the phase boundaries (which expert owns which grid step): a checkpoint
+  of the (1, 3) plan does not resume the even split, nor (3, 1); a checkpoint written before the
+  field existed is an even split."""
+  config = gmm_config("method=phased_dmd_sgts,steps=4,phases=2,runlocal")
+  config.steps_per_phase = (1, 3)
+  saved = config.to_dict()
+  checkpointing.check_resumable(saved, config, "w")
+  for other in ((), (3, 1)):
+    changed = config.copy_and_resolve_references()
+    changed.steps_per_phase = other
+    with pytest.raises(ValueError, match=re.escape(
+        f"steps_per_phase={list(other)!r} (checkpoint: [1, 3])")):
+      checkpointing.check_resumable(saved, changed, "w")
+  even = config.copy_and_resolve_references()
+  even.steps_per_phase = ()
+  old = even.to_dict()
+  del old["steps_per_phase"]
+  checkpointing.check_resumable(old, even, "w")

@@ -197,3 +197,29 @@ def test_markdown_table():
       "|---|---|---|\n"
       "| pdmd | 7 ± 1 | 2 |\n"
       "| dmd | 3.25 |  |")
+
+
+def test_boundary_marginals_follow_unequal_phases(gmm_config):
+  """gmm_eval reports each phase boundary on the grid time where that phase ends: the 1 + 3
+  plan's one boundary is the 4-phase plan's first (t = 0.9 at shift 3), the 3 + 1 plan's its
+  third (t = 0.5); the same noise, the same untrained experts and the same teacher give the
+  same distances there."""
+  from pdmd_jax import trainer  # pylint: disable=import-outside-toplevel
+  from pdmd_jax.evaluation import gmm_eval  # pylint: disable=import-outside-toplevel
+
+  def boundaries(variant, sizes=()):
+    config = gmm_config(variant + ",runlocal")
+    config.steps_per_phase, config.init_fit.steps = sizes, 20
+    run = trainer.build(config, None, devices=jax.devices()[:1])
+    out = gmm_eval.evaluate(run, trainer.initial_state(run), None, tag="t", verbose=False)
+    return {k: v for k, v in out.items() if k.startswith("boundary_")}
+
+  four = boundaries("method=phased_dmd,steps=4")
+  two = "method=phased_dmd_sgts,steps=4,phases=2"
+  for sizes, k in (((1, 3), 1), ((3, 1), 3)):
+    out = boundaries(two, sizes)
+    assert sorted(out) == sorted(f"boundary_1/{m}" for m in ("t", "student_dist",
+                                                             "teacher_dist", "ratio"))
+    for m in ("t", "student_dist", "teacher_dist"):
+      assert out[f"boundary_1/{m}"] == pytest.approx(four[f"boundary_{k}/{m}"], rel=1e-6), (sizes, m)
+  assert four["boundary_1/t"] == pytest.approx(0.9) and four["boundary_3/t"] == pytest.approx(0.5)

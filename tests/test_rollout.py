@@ -27,6 +27,9 @@ CASES = (
     ("phased_dmd_sgts", "phased_dmd_sgts", 4, 2),
     ("phased_dmd_sgts_3_per_phase", "phased_dmd_sgts", 6, 2),
     ("phased_dmd_multistep", "phased_dmd_multistep", 4, 2),
+    # Unequal phases (steps_per_phase): num_phases given as the phases' step counts.
+    ("phased_dmd_sgts_1_3", "phased_dmd_sgts", 4, (1, 3)),
+    ("phased_dmd_multistep_3_1", "phased_dmd_multistep", 4, (3, 1)),
 )
 
 
@@ -87,7 +90,11 @@ class PhaseSampleTest(parameterized.TestCase):
   """rollout.phase_sample: gradient routing, outputs and the SGTS stop-index law, per method."""
 
   def _setup(self, method, num_steps, num_phases):
-    plan = methods.make_plan(method, num_steps, num_phases, 5.0)
+    sizes = num_phases if isinstance(num_phases, tuple) else None
+    plan = methods.make_plan(method, num_steps, len(sizes) if sizes else num_phases, 5.0,
+                             steps_per_phase=sizes)
+    if sizes:
+      self.assertEqual(tuple(p.num_steps for p in plan.phases), sizes)
     apply = _make_apply(plan)
     experts = _experts(plan)
     rng = np.random.default_rng(1)
@@ -153,7 +160,8 @@ class PhaseSampleTest(parameterized.TestCase):
       expected = n_keys / phase.num_steps
       chi2 = np.sum((counts - expected)**2 / expected)
       # 99.9% quantiles of chi-square with 1, 2, 3 degrees of freedom.
-      self.assertLess(chi2, {2: 10.83, 3: 13.82, 4: 16.27}[phase.num_steps], msg=str(counts))
+      self.assertLess(chi2, {1: 1e-9, 2: 10.83, 3: 13.82, 4: 16.27}[phase.num_steps],
+                      msg=str(counts))
 
   def test_full_rollout_matches_sgts_last_stop(self):
     """Jumping from the last step to the boundary is the ordinary last Euler step: the SGTS

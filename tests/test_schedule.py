@@ -593,8 +593,33 @@ class MakePlanTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "grid_times="):
       methods.make_plan("phased_dmd_sgts", 4, 2, 5.0, grid_times=[1.0, 0.5, 0.75, 0.25, 0.0])
 
+  def test_steps_per_phase(self):
+    """steps_per_phase (1, 3) on the shift-3 grid (1, .9, .75, .5, 0): phase 1 is the single
+    step 1 -> 0.9 and re-noises above 0.9, phase 2 runs 0.9, 0.75, 0.5 -> 0; (3, 1) puts the
+    boundary at 0.5; None is the even split (boundary 0.75)."""
+    grid = (1.0, 0.9, 0.75, 0.5, 0.0)
+    for sizes, boundary, route in (((1, 3), 0.9, (0, 1, 1, 1)), ((3, 1), 0.5, (0, 0, 0, 1)),
+                                   (None, 0.75, (0, 0, 1, 1))):
+      plan = methods.make_plan("phased_dmd_sgts", 4, 2, 3.0, grid_times=grid,
+                               steps_per_phase=sizes)
+      first, last = plan.phases
+      self.assertEqual(first.boundary, boundary)
+      self.assertEqual(plan.grid[plan.boundary_index(0)], boundary)
+      self.assertEqual(plan.boundary_index(1), 4)
+      self.assertEqual(first.times + last.times, grid[:-1])
+      self.assertEqual(last.times[0], boundary)
+      self.assertEqual(plan.expert_of_step(), route)
+      self.assertEqual((first.t_sampler.low, last.t_sampler.low), (boundary, 0.0))
+      self.assertEqual(last.boundary, 0.0)
+
   @parameterized.named_parameters(
       ("method", dict(method="dmd3"), "method="),
+      ("steps_per_phase_sum", dict(method="phased_dmd_sgts", steps_per_phase=(2, 1)),
+       r"steps_per_phase=\[2, 1\].*summing to num_steps=4"),
+      ("steps_per_phase_zero", dict(method="phased_dmd_sgts", steps_per_phase=(0, 4)),
+       r"steps_per_phase=\[0, 4\].*>= 1"),
+      ("steps_per_phase_count", dict(method="phased_dmd_sgts", steps_per_phase=(1, 1, 2)),
+       r"steps_per_phase=\[1, 1, 2\].*num_phases=2"),
       ("phases", dict(method="phased_dmd_sgts", num_phases=3), "num_phases=3"),
       ("phases_zero", dict(method="phased_dmd_sgts", num_phases=0), "num_phases=0"),
       ("order", dict(method="phased_dmd_sgts", order="random"), "phase_order="),

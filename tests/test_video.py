@@ -153,7 +153,8 @@ out = {}
 for row_id, _, variant in video_motion.ROWS:
   config, workdir = video_motion._run_config(row_id, variant, 120, 0)
   plan = validation.validate(config, files=False)
-  out[row_id] = [plan.num_phases, config.generator.lora_rank, os.path.basename(workdir)]
+  out[row_id] = [plan.num_phases, config.generator.lora_rank, os.path.basename(workdir),
+                 [p.boundary for p in plan.phases]]
 try:
   video_motion._load_config("method=phased_dmd,generator.lora_rnak=8")
 except app.UsageError as e:
@@ -163,8 +164,8 @@ print(json.dumps(out))
 
 
 def test_video_motion_rows_build_valid_configs():
-  """Every row of experiments/video_motion.py validates, with its dotted fields (the LoRA ranks
-  of the phase-count ablation) set; a misspelt field is a usage error naming it. In a subprocess:
+  """Every row of experiments/video_motion.py validates, with its config fields (the LoRA ranks
+  of the phase-count ablation, the unequal phases' steps_per_phase) set; a misspelt field is a usage error naming it. In a subprocess:
   the script's absl flags would clash with other modules' in this process."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.run([sys.executable, "-c", _ROWS_CHECK], cwd=ROOT, env=env,
@@ -172,10 +173,14 @@ def test_video_motion_rows_build_valid_configs():
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(proc.stdout.strip().splitlines()[-1])
   error = rows.pop("error")
-  for row_id, (_, _, workdir) in rows.items():
+  for row_id, (_, _, workdir, _) in rows.items():
     assert workdir == f"{row_id}_x120_b4_s0"
   # equal LoRA parameters: 4 experts of rank 8 = 2 of rank 16; 2 of rank 32 = 4 of rank 16
   assert rows["phased_r8"][:2] == [4, 8] and rows["phased_sgts"][:2] == [2, 16]
   assert rows["phased_sgts_r32"][:2] == [2, 32] and rows["phased"][:2] == [4, 16]
   assert rows["phased_2step"][:2] == [2, 16]
+  # 2-phase's boundary on the 4-step grid 1, .9, .75, .5, 0: 0.75 (even), 0.9 (1 + 3), 0.5 (3 + 1)
+  assert rows["phased_sgts"][3] == pytest.approx([0.75, 0.0])
+  assert rows["phased_sgts_1_3"][3] == pytest.approx([0.9, 0.0])
+  assert rows["phased_sgts_3_1"][3] == pytest.approx([0.5, 0.0])
   assert "generator.lora_rnak" in error

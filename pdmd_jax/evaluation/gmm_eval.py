@@ -38,9 +38,8 @@ def evaluate(run, state, workdir: str | None, *, tag: str, verbose: bool = True)
   out = {f"student/{k}": v for k, v in gmm_metrics.gmm_report(student[-1], gmm, exact).items()}
   out.update({f"teacher/{k}": v for k, v in gmm_metrics.gmm_report(teacher[-1], gmm, exact).items()})
   # Phase-boundary marginals: the distilled x_{t_k} against the teacher's own x_{t_k}.
-  per = run.plan.num_steps // run.plan.num_phases
   for p in run.plan.phases[:-1]:
-    i = (p.index + 1) * per
+    i = run.plan.boundary_index(p.index)
     a = float(run.sched.alpha(jnp.float32(p.boundary)))
     d_s = gmm_metrics.boundary_distance(student[i], gmm, a)
     d_t = gmm_metrics.boundary_distance(teacher[i], gmm, a)
@@ -89,9 +88,8 @@ def _plot(run, student, teacher, exact, path):
   else:
     proj = np.asarray
   panels = [("exact data", exact), ("teacher, many-step", teacher[-1])]
-  per = run.plan.num_steps // run.plan.num_phases
   for p in run.plan.phases[:-1]:
-    panels.append((f"distilled x at t={p.boundary:.3f}", student[(p.index + 1) * per]))
+    panels.append((f"distilled x at t={p.boundary:.3f}", student[run.plan.boundary_index(p.index)]))
   panels.append((f"distilled ({run.plan.method}, {run.plan.num_steps} steps)", student[-1]))
   fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
   for ax, (title, x) in zip(axes[0], panels):

@@ -111,9 +111,8 @@ def report(student_traj, teacher_traj, plan) -> dict:
     out[f"student/channel_{i}/mean"], out[f"student/channel_{i}/std"] = float(m), float(sd)
   for i, (m, sd) in enumerate(zip(t_mean, t_std)):
     out[f"teacher/channel_{i}/mean"], out[f"teacher/channel_{i}/std"] = float(m), float(sd)
-  per = plan.num_steps // plan.num_phases
   for p in plan.phases[:-1]:
-    i = (p.index + 1) * per
+    i = plan.boundary_index(p.index)
     a, b = np.asarray(student_traj[i], np.float64), np.asarray(teacher_traj[i], np.float64)
     out[f"boundary_{p.index + 1}/t"] = p.boundary
     out[f"boundary_{p.index + 1}/mse_to_teacher"] = float(np.mean((a - b)**2))

@@ -187,7 +187,7 @@ def expert_of_phases(plan, boundary: float) -> tuple[int, ...]:
           f"config.num_phases={plan.num_phases} is not allowed with teacher.boundary={boundary}: "
           f"phase {p.index + 1} runs at t={[round(t, 4) for t in p.times]}, on both experts; "
           "allowed: phases whose grid steps are all >= or all < the boundary (Wan2.2 4-step: "
-          "num_phases 2 or 4)")
+          "num_phases 2 or 4; steps_per_phase moves the boundaries)")
     out.append(sides.pop())
   return tuple(out)
 
