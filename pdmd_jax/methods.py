@@ -12,7 +12,8 @@
 With boundary s = 0 every subinterval formula reduces to plain DMD, so all six methods run
 through one rollout, one loss and one train step; only the plan differs. phased_dmd_multistep
 is the ablation of SGTS inside phases: the same K experts and the same grid, with the phase's
-gradient through every step (memory grows with N/K, as dmd_multistep's with N).
+gradient through every step (memory grows with N/K, as dmd_multistep's with N). The K phases
+take N/K grid steps each (the paper) unless ``steps_per_phase`` gives each its own count.
 """
 
 from __future__ import annotations
