@@ -165,8 +165,9 @@ print(json.dumps(out))
 
 def test_video_motion_rows_build_valid_configs():
   """Every row of experiments/video_motion.py validates, with its config fields (the LoRA ranks
-  of the phase-count ablation, the unequal phases' steps_per_phase) set; a misspelt field is a usage error naming it. In a subprocess:
-  the script's absl flags would clash with other modules' in this process."""
+  of the phase-count ablation, the unequal phases' steps_per_phase) set; a misspelt field is a
+  usage error naming it. In a subprocess: the script's absl flags would clash with other
+  modules' in this process."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.run([sys.executable, "-c", _ROWS_CHECK], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
