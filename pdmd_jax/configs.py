@@ -71,7 +71,7 @@ def method(c, name: str, steps: int, phases: int, *, shift: float, seed: int = 0
                   (c.num_steps if name == "phased_dmd" else phases))   # K
   c.shift = shift                          # timestep shift of the grid and t-samplers
   c.grid_times = tuple(grid_times)         # explicit grid 1 > ... > 0 (N+1 values); () = shifted uniform
-  c.steps_per_phase = tuple(steps_per_phase)   # grid steps of each phase (K values, sum N); () = N/K
+  c.steps_per_phase = tuple(steps_per_phase)   # grid steps per phase (K values, sum N); () = N/K
   c.phase_order = "progressive"            # progressive (the paper) | interleaved (ModelTC's trainer)
   c.schedule = "flow_matching"             # flow_matching | vp_cosine
   return c

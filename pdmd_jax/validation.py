@@ -85,8 +85,8 @@ def validate(config, *, files: bool = True) -> methods.PhasePlan:
       fail("steps_per_phase", sizes, f"() (N/K each) or num_phases={k} integers >= 1 summing to "
            f"num_steps={n}")
   elif n % k:
-    fail("num_phases", k, f"a divisor of num_steps={n}: {[d for d in range(1, n + 1) if n % d == 0]}"
-         " (or set steps_per_phase)")
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    fail("num_phases", k, f"a divisor of num_steps={n}: {divisors} (or set steps_per_phase)")
   positive(config, "shift")
   grid = tuple(config.grid_times)
   if grid:

@@ -221,5 +221,6 @@ def test_boundary_marginals_follow_unequal_phases(gmm_config):
     assert sorted(out) == sorted(f"boundary_1/{m}" for m in ("t", "student_dist",
                                                              "teacher_dist", "ratio"))
     for m in ("t", "student_dist", "teacher_dist"):
-      assert out[f"boundary_1/{m}"] == pytest.approx(four[f"boundary_{k}/{m}"], rel=1e-6), (sizes, m)
+      expected = four[f"boundary_{k}/{m}"]
+      assert out[f"boundary_1/{m}"] == pytest.approx(expected, rel=1e-6), (sizes, m)
   assert four["boundary_1/t"] == pytest.approx(0.9) and four["boundary_3/t"] == pytest.approx(0.5)
