@@ -63,7 +63,8 @@ _ONLY = flags.DEFINE_list("only", ["sgts", "phased_sgts", "phased"],
                          "and phased_sgts_r32 (phase count at matched LoRA parameters), dmd_ms "
                          "(one phase, gradient through all 4 steps), phased_2step (2-phase's "
                          "boundaries, one step per expert), phased_sgts_1_3 and phased_sgts_3_1 "
-                         "(2-phase's boundary at 0.9 or 0.5).")
+                         "(2-phase's boundary at 0.9 or 0.5), phased_ms_1_3 (the 0.9 boundary "
+                         "without SGTS), phased_sgts_112 and phased_sgts_121 (3-phase plans).")
 _TEACHER = flags.DEFINE_string("teacher", "", "Teacher asset directory ('' = the shipped one).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size of every run.")
 _EVAL = flags.DEFINE_integer("eval_samples", 200, "Clips per evaluation (classes in turn).")
@@ -103,6 +104,14 @@ ROWS = [
      "method=phased_dmd_sgts,steps=4,phases=2,steps_per_phase=1:3"),
     ("phased_sgts_3_1", "Phased DMD 4-step 2-phase, 3 + 1 steps (boundary 0.5)",
      "method=phased_dmd_sgts,steps=4,phases=2,steps_per_phase=3:1"),
+    # Two of 4-phase's three inner boundaries: 3-phase plans on the same grid.
+    ("phased_sgts_112", "Phased DMD 4-step 3-phase, 1 + 1 + 2 steps (boundaries 0.9, 0.75)",
+     "method=phased_dmd_sgts,steps=4,phases=3,steps_per_phase=1:1:2"),
+    ("phased_sgts_121", "Phased DMD 4-step 3-phase, 1 + 2 + 1 steps (boundaries 0.9, 0.5)",
+     "method=phased_dmd_sgts,steps=4,phases=3,steps_per_phase=1:2:1"),
+    # The boundary-0.9 plan with the gradient through phase 2's three steps instead of SGTS.
+    ("phased_ms_1_3", "Phased DMD 4-step 2-phase, 1 + 3 steps, gradient through all steps",
+     "method=phased_dmd_multistep,steps=4,phases=2,steps_per_phase=1:3"),
 ]
 METRICS = [("mean_flow", "optical flow (px/frame)"), ("flow_ratio", "flow / teacher"),
            ("dynamic_degree", "dynamic degree"), ("dynamic_degree_fast", "dyn. degree > 1.5"),

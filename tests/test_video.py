@@ -184,4 +184,7 @@ def test_video_motion_rows_build_valid_configs():
   assert rows["phased_sgts"][3] == pytest.approx([0.75, 0.0])
   assert rows["phased_sgts_1_3"][3] == pytest.approx([0.9, 0.0])
   assert rows["phased_sgts_3_1"][3] == pytest.approx([0.5, 0.0])
+  assert rows["phased_ms_1_3"][3] == pytest.approx([0.9, 0.0])
+  assert rows["phased_sgts_112"][3] == pytest.approx([0.9, 0.75, 0.0])
+  assert rows["phased_sgts_121"][3] == pytest.approx([0.9, 0.5, 0.0])
   assert "generator.lora_rnak" in error
