@@ -170,18 +170,30 @@ def make_iterator(config, cfg: dit_lib.DiTConfig):
   return moving_digits.make_iterator("train", tr.batch_size, seed=config.seed, **kw), "video"
 
 
-def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params):
+def inflate_from(directory: str, cfg: dit_lib.DiTConfig, params, seed: int = 0):
   """A video DiT's parameters initialised from the DiT teacher in ``directory``: an image DiT
-  is inflated (``dit.inflate``); a video DiT of the same shapes is extended with this config's
-  new space-time branches and blocks (``dit.extend``: fine-tuning a shipped video teacher)."""
+  is inflated (``dit.inflate``); a video DiT is extended with this config's new space-time
+  branches and blocks (``dit.extend``: fine-tuning a shipped video teacher), after a k-fold
+  widening (``dit.widen``, symmetry-breaking noise from ``seed``) if ``cfg.hidden`` is k times
+  its width."""
   icfg, _, iparams, _ = load_teacher(directory)
   if not cfg.video:
     raise ValueError(f"train.init_from={directory!r}: initialising from a teacher needs a video "
                      f"DiT (frames>1, got {cfg.frames})")
+  if icfg.video and cfg.hidden != icfg.hidden:
+    k, pos = cfg.hidden // icfg.hidden, icfg.pos_dim or icfg.hidden
+    if cfg.hidden % icfg.hidden or (cfg.heads, cfg.pos_dim) != (k * icfg.heads, pos):
+      raise ValueError(
+          f"train.init_from={directory!r} (hidden {icfg.hidden}, heads {icfg.heads}): widening "
+          f"needs model.hidden a multiple k of {icfg.hidden}, model.heads = k x {icfg.heads} and "
+          f"model.pos_dim={pos} (got hidden {cfg.hidden}, heads {cfg.heads}, pos_dim "
+          f"{cfg.pos_dim})")
+    iparams = dit_lib.widen(iparams, k, seed=seed)
+    icfg = dataclasses.replace(icfg, hidden=cfg.hidden, heads=cfg.heads, pos_dim=pos)
   same = ("image_size", "channels", "patch", "hidden", "heads", "mlp_ratio", "num_classes",
           "time_dim")
   if icfg.video:
-    same += ("frames", "temporal_patch", "layout")
+    same += ("frames", "temporal_patch", "layout", "pos_dim")
   else:
     same += ("depth",)
   bad = [f"{k}: {getattr(icfg, k)} vs {getattr(cfg, k)}" for k in same
@@ -250,7 +262,7 @@ def train_teacher(config, workdir: str, *, verbose: bool = True) -> dict:
   os.makedirs(workdir, exist_ok=True)
   net, params = models.build_dit(cfg, config.seed)
   if tr.get("init_from"):        # image -> video inflation from a trained image DiT
-    params = inflate_from(tr.init_from, cfg, params)
+    params = inflate_from(tr.init_from, cfg, params, seed=config.seed)
   sched = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps,
                                              max(tr.num_steps, tr.warmup_steps + 1),
                                              end_value=tr.lr * 0.05)

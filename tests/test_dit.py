@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,6 +341,36 @@ def test_shipped_video_teacher_extends_to_joint_blocks_exactly():
   shallow = dataclasses.replace(cfg, depth=cfg.depth - 1)
   with pytest.raises(ValueError, match=f"depth: {cfg.depth} vs {cfg.depth - 1}"):
     teacher_training.inflate_from(directory, shallow, models.build_dit(shallow)[1])
+  with pytest.raises(ValueError, match="widening needs model.hidden a multiple k of 128, model."
+                                       "heads = k x 4 and model.pos_dim=128 \\(got hidden 256, "
+                                       "heads 4"):
+    teacher_training.inflate_from(directory, dataclasses.replace(cfg, hidden=256), None)
   with pytest.raises(ValueError, match="does not match model \\(frames: 8 vs 4"):
     teacher_training.inflate_from(directory, dataclasses.replace(cfg2, frames=4),
                                   models.build_dit(dataclasses.replace(cfg2, frames=4))[1])
+
+
+def test_widen_is_exact_and_breaks_the_copies_symmetry(k=2):
+  """dit.widen: k x hidden, heads and MLP computes the trained DiT (LayerNorm statistics and
+  per-head attention unchanged), and one gradient step moves the k copies of a channel apart
+  (without the zero-sum noise they would get identical gradients forever)."""
+  cfg = dit.config_for("tiny", frames=4, image_size=8, layout="divided", temporal_ada=True,
+                       joint_blocks=1)
+  net, p = models.build_dit(cfg)
+  p = _perturbed(p, seed=3)
+  cfg2 = dataclasses.replace(cfg, hidden=k * cfg.hidden, heads=k * cfg.heads, pos_dim=cfg.hidden)
+  net2, shapes = models.abstract_dit(cfg2)
+  p2 = dit.widen(p, k)
+  chex.assert_trees_all_equal_shapes_and_dtypes(p2, shapes)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + cfg.sample_shape)
+  t, y = jnp.array([0.3, 0.8]), jnp.array([2, cfg.num_classes])
+  apply2 = jax.jit(net2.apply)
+  np.testing.assert_allclose(apply2(p2, x, t, y), jax.jit(net.apply)(p, x, t, y), atol=2e-6)
+  grad = jax.jit(jax.grad(lambda q: jnp.sum(apply2(q, x, t, y) ** 2)))
+  fc1 = grad(p2)["blocks"][0]["fc1"]["kernel"]   # [k d, k m]: the copies' incoming weights
+  m = fc1.shape[1] // k
+  assert float(jnp.abs(fc1[:, :m] - fc1[:, m:]).max()) > 1e-6
+  fc1 = grad(dit.widen(p, k, noise=0.0))["blocks"][0]["fc1"]["kernel"]
+  np.testing.assert_allclose(fc1[:, :m], fc1[:, m:], rtol=1e-4, atol=1e-7)   # no noise: stuck
+  with pytest.raises(ValueError, match="model.pos_dim=48 must be 0"):
+    models.build_dit(dataclasses.replace(cfg2, pos_dim=48))

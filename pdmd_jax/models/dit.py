@@ -61,6 +61,9 @@ class DiTConfig:
   # (``pdmd_jax/noise.py``, PYoCo's mixed noise); 0: i.i.d. frames. Not an architecture field:
   # it rides here so that the teacher's card carries it to sampling and distillation.
   noise_frame_corr: float = 0.0
+  # Width of the fixed sin-cos position encoding, repeated to ``hidden`` (0: hidden). A DiT
+  # widened k-fold from a trained one (``widen``) keeps the trained one's encoding, repeated.
+  pos_dim: int = 0
 
   @property
   def video(self) -> bool:
@@ -203,6 +206,9 @@ class DiT(nnx.Module):
                        f"temporal_patch={cfg.temporal_patch} must divide frames={cfg.frames}")
     if cfg.hidden % cfg.heads:
       raise ValueError(f"model.heads={cfg.heads} must divide model.hidden={cfg.hidden}")
+    if cfg.pos_dim < 0 or (cfg.pos_dim and cfg.hidden % cfg.pos_dim):
+      raise ValueError(f"model.pos_dim={cfg.pos_dim} must be 0 (= hidden) or divide "
+                       f"model.hidden={cfg.hidden}")
     if cfg.layout not in LAYOUTS:
       raise ValueError(f"model.layout={cfg.layout!r} is unknown; allowed: {list(LAYOUTS)}")
     if cfg.joint_blocks and not (cfg.video and cfg.layout == "divided"
@@ -260,7 +266,8 @@ class DiT(nnx.Module):
     computes the same function on static clips (``inflate``); the learned frame term, zero at
     init, gives the model the frame order."""
     cfg = self.cfg
-    pos = jnp.asarray(sincos_pos_embed(cfg.grid[-2:], cfg.hidden))
+    pd = cfg.pos_dim or cfg.hidden
+    pos = jnp.asarray(np.tile(sincos_pos_embed(cfg.grid[-2:], pd), (1, cfg.hidden // pd)))
     if not cfg.video:
       return pos
     return (self.frame_pos[...][:, None, :] + pos[None]).reshape(-1, cfg.hidden)
@@ -366,6 +373,53 @@ def extend(params, cfg: DiTConfig, new_params):
   dropped = [jax.tree_util.keystr(p) for p in flat if p not in used]
   if dropped:
     raise ValueError(f"extend: the new DiT has no place for {dropped[:3]} ...")
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# How ``widen`` maps each Linear of a DiT: (its input is the residual width or the MLP's: split
+# among the copies; its output is the residual width or the MLP's: repeated, in this many
+# equal chunks: 6 for adaLN's shift/scale/gate pairs, 3 for q, k, v).
+_WIDEN = {"embed": (False, 1), "t1": (False, 1), "t2": (True, 1), "qkv": (True, 3),
+          "proj": (True, 1), "fc1": (True, 1), "fc2": (True, 1), "ada": (True, 6),
+          "qkv_t": (True, 3), "proj_t": (True, 1), "ada_t": (True, 3), "qkv_j": (True, 3),
+          "proj_j": (True, 1), "ada_out": (True, 2), "out": (True, 0)}
+
+
+def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
+  """A trained DiT's parameters k times wider (hidden, heads and MLP width x k) computing the
+  same function (Net2Net's function-preserving widening, exact with LayerNorm).
+
+  Every residual channel, head and MLP unit is repeated k times, so each LayerNorm sees its
+  statistics unchanged and each attention head has k identical copies; a Linear reading a
+  repeated width gives each copy 1/k of the weight plus noise that sums to zero over the
+  copies (``noise`` x the copy's std), so the output is exact while the copies' outgoing
+  weights differ and training can pull them apart (identical copies would get identical
+  gradients forever). The widened config needs heads x k and ``pos_dim`` = the trained one's
+  encoding width (``cfg.pos_dim or cfg.hidden``).
+  """
+  if k < 1 or int(k) != k:
+    raise ValueError(f"widen: k={k} must be a positive integer")
+  rng = np.random.default_rng(seed)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out = []
+  for path, w in flat:
+    w = np.asarray(w)
+    names = [p.key for p in path if hasattr(p, "key")]
+    name = next((n for n in reversed(names) if n in _WIDEN), None)
+    if names[0] in ("y_embed", "frame_pos"):    # [rows, hidden]: repeat the channels
+      out.append(jnp.asarray(np.tile(w, (1,) * (w.ndim - 1) + (k,))))
+      continue
+    if name is None:
+      raise ValueError(f"widen: no rule for {jax.tree_util.keystr(path)}")
+    split_in, chunks = _WIDEN[name]
+    if chunks:   # repeat each output chunk k times: [..., c * d] -> [..., c * k * d]
+      w = w.reshape(w.shape[:-1] + (chunks, w.shape[-1] // chunks))
+      w = np.tile(w, (1,) * (w.ndim - 1) + (k,)).reshape(w.shape[:-2] + (-1,))
+    if split_in and names[-1] == "kernel":
+      eps = noise * np.std(w / k) * rng.standard_normal((k,) + w.shape)
+      eps = eps - eps.mean(0)                   # sums to zero over the copies: output exact
+      w = np.concatenate(list(w / k + eps), axis=0)
+    out.append(jnp.asarray(w, dtype=jnp.float32))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
