@@ -351,7 +351,40 @@ def main(argv):
                 "where the teacher moves fastest (top 25% of its flow).\n\n"
                 + gmm_metrics.markdown_table(table, ["method", "seed ids"]
                                              + list(_BY_PHASE_COLS.values())))
-  write_table(results, extra)
+  write_table(results, extra + paired_section(results))
+
+
+def paired_section(results) -> str:
+  """Markdown: each row's flow / teacher against the first row's (the baseline) on the seeds
+  both ran. The runs of one seed share the teacher's clips, noise and labels, so the per-seed
+  difference is the paired comparison; the gap of the means over the larger seed std is issue
+  17's separation figure (> 2: apart by more than twice the larger seed std)."""
+  if len(results) < 2:
+    return ""
+  base_name, base = next(iter(results.items()))
+  ratio = lambda runs: {r["run"]["seed"]: r["student/flow_ratio"] for r in runs}
+  b = ratio(base)
+  table = []
+  for name, runs in list(results.items())[1:]:
+    a = ratio(runs)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+      continue
+    diff = [a[s] - b[s] for s in seeds]
+    sd = max(np.std([a[s] for s in seeds]), np.std([b[s] for s in seeds]))
+    table.append({"method": name, "seed ids": ", ".join(map(str, seeds)),
+                  "difference (paired)": diff, "ahead on": f"{sum(d > 0 for d in diff)} / "
+                  f"{len(seeds)}", "min difference": f"{min(diff):+.3f}",
+                  "gap / larger std": f"{np.mean(diff) / sd:.2f}" if sd > 0 else ""})
+  if not table:
+    return ""
+  return (f"\n## Paired against {base_name}\n\nflow / teacher minus {base_name}'s on the same "
+          "seed (same teacher clips, noise and labels), over the seeds both rows ran; gap / "
+          "larger std: the difference of the two rows' means over these seeds divided by the "
+          "larger of their seed stds (> 2: apart by more than twice it).\n\n"
+          + gmm_metrics.markdown_table(table, ["method", "seed ids", "difference (paired)",
+                                               "ahead on", "min difference",
+                                               "gap / larger std"]) + "\n")
 
 
 _BY_PHASE_COLS = {"all": "all 4 steps distilled", "high": "high-noise half only",

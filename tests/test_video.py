@@ -159,6 +159,10 @@ try:
   video_motion._load_config("method=phased_dmd,generator.lora_rnak=8")
 except app.UsageError as e:
   out["error"] = str(e)
+run = lambda seed, ratio: {"run": {"seed": seed}, "student/flow_ratio": ratio}
+out["paired"] = video_motion.paired_section(
+    {"A": [run(0, 0.7), run(1, 0.8), run(2, 0.6)],
+     "B": [run(0, 0.9), run(1, 0.85), run(2, 0.95), run(3, 0.5)]})
 print(json.dumps(out))
 """
 
@@ -174,6 +178,11 @@ def test_video_motion_rows_build_valid_configs():
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads(proc.stdout.strip().splitlines()[-1])
   error = rows.pop("error")
+  # B - A on seeds 0-2 (B's seed 3 has no pair): 0.2, 0.05, 0.35; the means' gap 0.2 over the
+  # larger seed std (A's: 0.0816) = 2.45
+  paired = rows.pop("paired")
+  assert "## Paired against A" in paired
+  assert "| B | 0, 1, 2 | 0.2 ± 0.12 | 3 / 3 | +0.050 | 2.45 |" in paired, paired
   for row_id, (_, _, workdir, _) in rows.items():
     assert workdir == f"{row_id}_x120_b4_s0"
   # equal LoRA parameters: 4 experts of rank 8 = 2 of rank 16; 2 of rank 32 = 4 of rank 16
