@@ -395,7 +395,7 @@ def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
   copies (``noise`` x the copy's std), so the output is exact while the copies' outgoing
   weights differ and training can pull them apart (identical copies would get identical
   gradients forever). The widened config needs heads x k and ``pos_dim`` = the trained one's
-  encoding width (``cfg.pos_dim or cfg.hidden``).
+  encoding width (``cfg.pos_dim or cfg.hidden``). Blocks may be scanned (a leading layer axis).
   """
   if k < 1 or int(k) != k:
     raise ValueError(f"widen: k={k} must be a positive integer")
@@ -418,7 +418,7 @@ def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
     if split_in and names[-1] == "kernel":
       eps = noise * np.std(w / k) * rng.standard_normal((k,) + w.shape)
       eps = eps - eps.mean(0)                   # sums to zero over the copies: output exact
-      w = np.concatenate(list(w / k + eps), axis=0)
+      w = np.concatenate(list(w / k + eps), axis=-2)   # [(layers,) k din, dout]
     out.append(jnp.asarray(w, dtype=jnp.float32))
   return jax.tree_util.tree_unflatten(treedef, out)
 
