@@ -146,8 +146,8 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   the lever (same clips, ``--config.eval.guidance_scale=G``): CFG 4 / 5 give warp error 0.0188 /
   0.0184 (CFG 3 0.0194) at frame accuracy 0.94 / 0.95, mean flow 1.02 / 0.97, dynamic degree
   0.73 / 0.68 and FD to real clips 175 / 249 (113): each unit of CFG buys 2-3% of warp error at
-  a rising cost in realism; even a straight line would reach 0.016 only near CFG 10. To reproduce v3:
-  train v2 into assets/video_teacher (the command at the end), then
+  a rising cost in realism; even a straight line would reach 0.016 only near CFG 10. To
+  reproduce v3: train v2 into assets/video_teacher (the command at the end), then
     python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_v3 --config.seed=1 \
       --config.train.frame_diff_weight=2 --config.train.init_from=assets/video_teacher \
       --config.train.num_steps=2800 --config.train.lr=3e-4 --config.train.warmup_steps=100
@@ -161,6 +161,23 @@ compared on their raw weights (at 500 steps the EMA is still 0.999^500 = 61% the
   (10 of 100 vs none) and no longer invents motion (flow 1.07x the SDEdit's source clips from
   t = 0.9, v2 1.31x): part of v2's 1.58 px/frame was flicker read as motion; what is left is
   on the ink (shape drift).
+
+  Tried, not shipped: width, on v3. ``--config.model.hidden=256 --config.model.heads=8
+  --config.model.pos_dim=128`` widens v3 two-fold (``dit.widen``, Net2Net: every channel, head
+  and MLP unit repeated, exact with LayerNorm; zero-sum noise on the copies' outgoing weights
+  breaks their symmetry), 6.1M parameters vs 1.5M, trained 1,500 more steps at w = 2 (62 min,
+  2.5 s/step), 250 clips as above:
+    warp error 0.0186 vs 0.0194, frame accuracy 0.92 vs 0.92, speed std 0.68 vs 0.67, mean flow
+    1.09 vs 1.09, dynamic degree 0.78 vs 0.79, FD to real clips 105 vs 113
+    (docs/results/video_teacher_wide2_card.json).
+  Four times the parameters buy 4% of warp error, as much as CFG 5 and no more than the w = 2
+  runs at the old width (0.019 after 2,800 and 3,500 steps); with twice the depth on v2
+  (nothing), capacity is not what holds the teacher above 0.016 at these budgets.
+    python main.py --config=configs/video_teacher.py --workdir=/tmp/vt_wide2 --config.seed=1 \
+      --config.model.hidden=256 --config.model.heads=8 --config.model.pos_dim=128 \
+      --config.train.init_from=assets/video_teacher --config.train.frame_diff_weight=2 \
+      --config.train.num_steps=1500 --config.train.lr=3e-4 --config.train.warmup_steps=100 \
+      --config.out_dir=/tmp/vt_wide2_out
 
   Where consistency is lost (``experiments/teacher_consistency.py``, SDEdit of 100 real clips,
   docs/results/teacher_consistency.md): v2's temporal branch does its job where the clip shows
