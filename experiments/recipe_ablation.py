@@ -220,9 +220,8 @@ def paired(base_runs, runs, key):
   data order and the evaluation noise across rows, so the seed-to-seed spread (baseline FD to
   the teacher 7.1 vs 8.5 on seeds 0 and 1) largely cancels in the difference."""
   from scipy import stats  # pylint: disable=import-outside-toplevel
-  by_seed = {r["seed"]: r[key] for r in base_runs if key in r}
-  d = np.asarray([r[key] - by_seed[r["seed"]] for r in runs
-                  if key in r and r["seed"] in by_seed], np.float64)
+  _, d = gmm_metrics.paired_by_seed({r["seed"]: r[key] for r in base_runs if key in r},
+                                    {r["seed"]: r[key] for r in runs if key in r})
   if d.size < 2:
     return (float(d.mean()) if d.size else float("nan")), float("nan"), int(d.size), float("nan")
   sd = float(d.std(ddof=1))

@@ -367,10 +367,10 @@ def paired_section(results) -> str:
   table = []
   for name, runs in list(results.items())[1:]:
     a = ratio(runs)
-    seeds = sorted(set(a) & set(b))
+    seeds, diff = gmm_metrics.paired_by_seed(b, a)
     if not seeds:
       continue
-    diff = [a[s] - b[s] for s in seeds]
+    diff = diff.tolist()
     sd = max(np.std([a[s] for s in seeds]), np.std([b[s] for s in seeds]))
     table.append({"method": name, "seed ids": ", ".join(map(str, seeds)),
                   "difference (paired)": diff, "ahead on": f"{sum(d > 0 for d in diff)} / "

@@ -283,6 +283,13 @@ def _fmt(v) -> str:
   return str(v)
 
 
+def paired_by_seed(base: dict, row: dict) -> tuple[list, np.ndarray]:
+  """The seeds both {seed: value} maps have (sorted) and row - base on each: the paired
+  comparison of two rows whose runs of one seed share initialisation, data and noise."""
+  seeds = sorted(set(base) & set(row))
+  return seeds, np.asarray([row[s] - base[s] for s in seeds], np.float64)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
   """A GitHub markdown table; list values (e.g. over seeds) print as mean ± std, missing as ''."""
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -376,9 +376,8 @@ def extend(params, cfg: DiTConfig, new_params):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# How ``widen`` maps each Linear of a DiT: (its input is the residual width or the MLP's: split
-# among the copies; its output is the residual width or the MLP's: repeated, in this many
-# equal chunks: 6 for adaLN's shift/scale/gate pairs, 3 for q, k, v).
+# ``widen``'s rule per Linear: (input split among the k copies, number of equal output chunks
+# each repeated k times: 3 for q, k, v; 6 / 3 / 2 for adaLN's modulations; 0: output kept).
 _WIDEN = {"embed": (False, 1), "t1": (False, 1), "t2": (True, 1), "qkv": (True, 3),
           "proj": (True, 1), "fc1": (True, 1), "fc2": (True, 1), "ada": (True, 6),
           "qkv_t": (True, 3), "proj_t": (True, 1), "ada_t": (True, 3), "qkv_j": (True, 3),
@@ -394,8 +393,9 @@ def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
   repeated width gives each copy 1/k of the weight plus noise that sums to zero over the
   copies (``noise`` x the copy's std), so the output is exact while the copies' outgoing
   weights differ and training can pull them apart (identical copies would get identical
-  gradients forever). The widened config needs heads x k and ``pos_dim`` = the trained one's
-  encoding width (``cfg.pos_dim or cfg.hidden``). Blocks may be scanned (a leading layer axis).
+  gradients forever). The widened config needs heads x k and ``pos_dim`` = the trained
+  config's encoding width (its pos_dim, or its hidden). Blocks may be scanned (a leading layer
+  axis); dtypes are kept.
   """
   if k < 1 or int(k) != k:
     raise ValueError(f"widen: k={k} must be a positive integer")
@@ -403,7 +403,7 @@ def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   out = []
   for path, w in flat:
-    w = np.asarray(w)
+    w, dtype = np.asarray(w), w.dtype
     names = [p.key for p in path if hasattr(p, "key")]
     name = next((n for n in reversed(names) if n in _WIDEN), None)
     if names[0] in ("y_embed", "frame_pos"):    # [rows, hidden]: repeat the channels
@@ -419,7 +419,7 @@ def widen(params, k: int, *, seed: int = 0, noise: float = 0.1):
       eps = noise * np.std(w / k) * rng.standard_normal((k,) + w.shape)
       eps = eps - eps.mean(0)                   # sums to zero over the copies: output exact
       w = np.concatenate(list(w / k + eps), axis=-2)   # [(layers,) k din, dout]
-    out.append(jnp.asarray(w, dtype=jnp.float32))
+    out.append(jnp.asarray(w, dtype=dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
